@@ -1,0 +1,196 @@
+"""Config keys of the EAPM project and their validation.
+
+Call ``add_eapm_config(cfg)`` on detectron2's default config before
+``merge_from_file``. Every key is documented inline; ``validate_eapm_config`` rejects
+out-of-range values with an error that names the key, before anything is built.
+"""
+from __future__ import annotations
+
+import math
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_eapm_config", "validate_eapm_config"]
+
+# regression losses the dense heads accept; the first four are detectron2's own
+DENSE_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
+# regression losses the ROI box head accepts
+ROI_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
+
+
+def add_eapm_config(cfg: CN) -> CN:
+    """Add the EAPM project's keys (in place) and return ``cfg``."""
+    _C = cfg
+
+    # ---------------------------------------------------------------- EAPM
+    _C.MODEL.EAPM = CN()
+    _C.MODEL.EAPM.CLS = CN()
+    # EAPM with focal loss on the classification branch of dense detectors
+    # (RetinaNet, Libra RetinaNet, FCOS). False = plain focal loss.
+    _C.MODEL.EAPM.CLS.ENABLED = False
+    # mu >= 0 of MF_cls = 1 + tanh(mu) - tanh(mu * Dif), Dif = |p - p*|.
+    # The paper's best value is 1.5; mu = 0 is exactly the focal loss.
+    _C.MODEL.EAPM.CLS.MU = 1.5
+    _C.MODEL.EAPM.REG = CN()
+    # EAPM with balanced L1 loss on box regression (dw, dh modulated by Gap-over-Sum).
+    # Requires the regression loss type "balanced_l1" (RetinaNet: MODEL.RETINANET.
+    # BBOX_REG_LOSS_TYPE, R-CNN: MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE).
+    _C.MODEL.EAPM.REG.ENABLED = False
+    # theta >= 0 of MF_reg = 1 + tanh(theta) - tanh(theta * GoS),
+    # GoS = |t - t*| / (|t| + |t*|). The paper's best value is 1.0 (one-stage) / 1.5 (R-CNN).
+    _C.MODEL.EAPM.REG.THETA = 1.0
+    # Log the histograms of Dif, GoS and MF to the event storage every this many
+    # iterations (0 = never). Means are logged every iteration (cheap).
+    _C.MODEL.EAPM.HISTOGRAM_PERIOD = 0
+
+    # -------------------------------------------------------- balanced L1
+    _C.MODEL.BALANCED_L1 = CN()
+    # mmdetection's balanced L1 loss (Libra R-CNN): alpha > 0 raises inlier gradients,
+    _C.MODEL.BALANCED_L1.ALPHA = 0.5
+    # gamma > 0 is the gradient bound for outliers,
+    _C.MODEL.BALANCED_L1.GAMMA = 1.5
+    # beta > 0 is the inlier/outlier threshold. 1.0 for Libra R-CNN, 0.11 for Libra RetinaNet.
+    _C.MODEL.BALANCED_L1.BETA = 1.0
+
+    # ------------------------------------------- dense-head loss normaliser
+    _C.MODEL.LOSS_NORMALIZER = CN()
+    # How RetinaNet / FCOS divide their losses by the number of foreground locations:
+    #   "ema":        detectron2's per-process exponential moving average (default);
+    #   "all_reduce": the positive count averaged over all processes this iteration
+    #                 (mmdetection's convention; independent of the process count).
+    _C.MODEL.LOSS_NORMALIZER.TYPE = "ema"
+
+    # ------------------------------------------------------- FCOS (yacs)
+    _C.MODEL.FCOS = CN()
+    # number of foreground classes
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    # backbone features the head reads (P3-P7 from the FCOS FPN backbone)
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # conv layers in each of the two head towers
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    # normalisation in the head towers: "GN", "BN", "SyncBN", "" (none)
+    _C.MODEL.FCOS.HEAD_NORM = "GN"
+    # prior probability of the classification bias at initialisation
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    # center sampling radius in strides (detectron2 / FCOS default 1.5; 0 disables)
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # detections below this score are dropped before NMS
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    # top-k candidates per level before NMS
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    # NMS IoU threshold
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+    # box regression loss: "giou" (as detectron2's FCOS)
+    _C.MODEL.FCOS.BOX_LOSS_TYPE = "giou"
+    # focal loss parameters of the classification branch
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+
+    # ------------------------------------------------ balanced feature pyramid
+    _C.MODEL.BFP = CN()
+    # insert a Balanced Feature Pyramid after the FPN (Libra R-CNN / Libra RetinaNet)
+    _C.MODEL.BFP.ENABLED = False
+    # index (into the FPN outputs, finest first) of the level the features are
+    # integrated at: 2 (P4) for the R-CNN FPN P2-P6, 1 (P4) for RetinaNet's P3-P7
+    _C.MODEL.BFP.REFINE_LEVEL = 2
+    # refinement of the integrated map: "non_local", "conv" or "none"
+    _C.MODEL.BFP.REFINE_TYPE = "non_local"
+
+    # --------------------------------------- IoU-balanced sampling (Libra R-CNN)
+    # number of IoU bins of the IoU-balanced negative sampler (0 = detectron2's random sampler)
+    _C.MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS = 3
+    # negatives with max IoU below this are sampled at random (-1: no floor set, as mmdetection)
+    _C.MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_THRESH = -1.0
+    # fraction of the sampled negatives taken from below the floor
+    _C.MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION = 0.0
+    # instance-balanced positive sampling: positives spread evenly over GT boxes
+    _C.MODEL.ROI_HEADS.INSTANCE_BALANCED_POS = True
+
+    # --------------------------------------------------------------- data
+    # COCO-json datasets to register, each [name, json_file, image_root]; they can then
+    # be used in DATASETS.TRAIN / DATASETS.TEST. Also from the command line:
+    #   DATASETS.COCO_JSON "[['mine_train', 'a.json', 'imgs/']]"
+    _C.DATASETS.COCO_JSON = []
+    # where the embedded (generated) dataset lives; "" = $EAPM_DATASETS or ./datasets/eapm_shapes
+    _C.DATASETS.EMBEDDED_ROOT = ""
+    return cfg
+
+
+def _require(cond: bool, key: str, msg: str, value) -> None:
+    if not cond:
+        raise ValueError(f"Invalid config {key} = {value!r}: {msg}")
+
+
+def _finite_nonneg(cfg: CN, key: str) -> None:
+    v = _get(cfg, key)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    _require(ok, key, "must be a finite number >= 0", v)
+
+
+def _finite_pos(cfg: CN, key: str) -> None:
+    v = _get(cfg, key)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    _require(ok, key, "must be a finite number > 0", v)
+
+
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_eapm_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key for any out-of-range EAPM-project value."""
+    _finite_nonneg(cfg, "MODEL.EAPM.CLS.MU")
+    _finite_nonneg(cfg, "MODEL.EAPM.REG.THETA")
+    _finite_nonneg(cfg, "MODEL.EAPM.HISTOGRAM_PERIOD")
+    for k in ("ALPHA", "GAMMA", "BETA"):
+        _finite_pos(cfg, f"MODEL.BALANCED_L1.{k}")
+    norm = cfg.MODEL.LOSS_NORMALIZER.TYPE
+    _require(norm in ("ema", "all_reduce"), "MODEL.LOSS_NORMALIZER.TYPE", "must be 'ema' or 'all_reduce'", norm)
+    rt = cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE
+    _require(rt in DENSE_BOX_LOSSES, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", f"must be one of {DENSE_BOX_LOSSES}", rt)
+    rb = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE
+    _require(rb in ROI_BOX_LOSSES, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", f"must be one of {ROI_BOX_LOSSES}", rb)
+    if cfg.MODEL.EAPM.REG.ENABLED:
+        arch = cfg.MODEL.META_ARCHITECTURE
+        key, loss = (
+            ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", rb)
+            if "RCNN" in arch
+            else ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", rt)
+        )
+        _require(
+            loss == "balanced_l1",
+            key,
+            "MODEL.EAPM.REG.ENABLED needs the 'balanced_l1' regression loss (EAPM modulates its deltas)",
+            loss,
+        )
+    fc = cfg.MODEL.FCOS
+    _require(fc.BOX_LOSS_TYPE in ("giou",), "MODEL.FCOS.BOX_LOSS_TYPE", "must be 'giou'", fc.BOX_LOSS_TYPE)
+    _require(int(fc.NUM_CONVS) >= 0, "MODEL.FCOS.NUM_CONVS", "must be >= 0", fc.NUM_CONVS)
+    _finite_nonneg(cfg, "MODEL.FCOS.CENTER_SAMPLING_RADIUS")
+    p = fc.PRIOR_PROB
+    _require(0 < p < 1, "MODEL.FCOS.PRIOR_PROB", "must be in (0, 1)", p)
+    _require(
+        fc.HEAD_NORM in ("", "GN", "BN", "SyncBN", "FrozenBN", "LN"), "MODEL.FCOS.HEAD_NORM", "unknown norm", fc.HEAD_NORM
+    )
+    bfp = cfg.MODEL.BFP
+    _require(
+        bfp.REFINE_TYPE in ("non_local", "conv", "none"),
+        "MODEL.BFP.REFINE_TYPE",
+        "must be 'non_local', 'conv' or 'none'",
+        bfp.REFINE_TYPE,
+    )
+    _require(int(bfp.REFINE_LEVEL) >= 0, "MODEL.BFP.REFINE_LEVEL", "must be >= 0", bfp.REFINE_LEVEL)
+    rh = cfg.MODEL.ROI_HEADS
+    _require(int(rh.IOU_BALANCED_NUM_BINS) >= 0, "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", "must be >= 0", rh.IOU_BALANCED_NUM_BINS)
+    ff = rh.IOU_BALANCED_FLOOR_FRACTION
+    _require(0 <= ff <= 1, "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION", "must be in [0, 1]", ff)
+    for i, entry in enumerate(cfg.DATASETS.COCO_JSON):
+        _require(
+            isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(e, str) for e in entry),
+            f"DATASETS.COCO_JSON[{i}]",
+            "each entry must be [name, json_file, image_root]",
+            entry,
+        )

@@ -1,0 +1,57 @@
+"""The project's trainer: detectron2's DefaultTrainer with COCO evaluation, the
+dataset registration of this project, and multi-process training on CPUs."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as _d2_defaults
+from detectron2.evaluation import COCOEvaluator
+
+from .data import register_from_config
+
+__all__ = ["EAPMTrainer", "cpu_ddp"]
+
+
+@contextlib.contextmanager
+def cpu_ddp(enabled: bool):
+    """While active (and only if ``enabled``), detectron2's ``create_ddp_model`` wraps
+    models with ``device_ids=None``: DistributedDataParallel rejects ``device_ids`` for
+    CPU modules, and detectron2 always passes ``[local_rank]``. Used for the duration
+    of ``DefaultTrainer.__init__`` only, and only for MODEL.DEVICE == "cpu", so GPU runs
+    never see it."""
+    if not enabled:
+        yield
+        return
+    original = _d2_defaults.create_ddp_model
+
+    def create_cpu_ddp_model(model, **kwargs):
+        kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    _d2_defaults.create_ddp_model = create_cpu_ddp_model
+    try:
+        yield
+    finally:
+        _d2_defaults.create_ddp_model = original
+
+
+class EAPMTrainer(DefaultTrainer):
+    """DefaultTrainer + COCO evaluation + this project's datasets."""
+
+    def __init__(self, cfg):
+        register_from_config(cfg)
+        with cpu_ddp(cfg.MODEL.DEVICE == "cpu"):
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        register_from_config(cfg)
+        return super().test(cfg, model, evaluators)
