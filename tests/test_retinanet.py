@@ -1,0 +1,148 @@
+"""EAPMRetinaNet: equality with detectron2's RetinaNet, training steps, empty images,
+config validation, diagnostics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import grad_norms, make_batch, tiny_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+RETINA = "quickstart/retinanet.yaml"
+EAPM_RETINA = "quickstart/eapm_retinanet.yaml"
+
+
+def _losses(model, batch, it=0):
+    torch.manual_seed(0)
+    with EventStorage(it) as storage:
+        losses = model(batch)
+    return losses, storage
+
+
+@pytest.mark.parametrize("reg", ["smooth_l1", "giou"])
+def test_eapm_off_equals_detectron2_retinanet(reg):
+    cfg = tiny_cfg(RETINA, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", reg)
+    ours = build_model(cfg)
+    cfg_d2 = cfg.clone()
+    cfg_d2.MODEL.META_ARCHITECTURE = "RetinaNet"
+    theirs = build_model(cfg_d2)
+    assert type(ours).__name__ == "EAPMRetinaNet" and type(theirs).__name__ == "RetinaNet"
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(), theirs.train()
+    batch = make_batch(2, num_boxes=(3, 2))
+    for it in range(2):  # the EMA normaliser evolves identically too
+        a, _ = _losses(ours, batch, it)
+        b, _ = _losses(theirs, batch, it)
+        assert set(a) == set(b) == {"loss_cls", "loss_box_reg"}
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_eapm_mu_zero_and_theta_zero_equal_base_losses():
+    base = tiny_cfg(EAPM_RETINA, "MODEL.EAPM.CLS.ENABLED", False, "MODEL.EAPM.REG.ENABLED", False)
+    zero = tiny_cfg(EAPM_RETINA, "MODEL.EAPM.CLS.MU", 0.0, "MODEL.EAPM.REG.THETA", 0.0)
+    m0, m1 = build_model(base), build_model(zero)
+    m1.load_state_dict(m0.state_dict())
+    batch = make_batch(2, num_boxes=(4, 1))
+    a, _ = _losses(m0, batch)
+    b, _ = _losses(m1, batch)
+    torch.testing.assert_close(a["loss_cls"], b["loss_cls"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a["loss_box_reg"], b["loss_box_reg"], rtol=1e-6, atol=0)
+    on = build_model(tiny_cfg(EAPM_RETINA))
+    on.load_state_dict(m0.state_dict())
+    c, _ = _losses(on, batch)
+    assert float(c["loss_cls"]) > float(a["loss_cls"])  # MF >= 1 raises every modulated error
+    assert float(c["loss_box_reg"]) >= float(a["loss_box_reg"])
+
+
+def test_training_step_finite_with_grads_in_head_and_backbone():
+    cfg = tiny_cfg(EAPM_RETINA)
+    model = build_model(cfg)
+    model.train()
+    batch = make_batch(2, num_boxes=(5, 3))
+    losses, storage = _losses(model, batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg"}  # diagnostics never in the loss dict
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    norms = grad_norms(model, ["backbone.bottom_up", "backbone.fpn_lateral3", "head.cls_score", "head.bbox_pred"])
+    for k, v in norms.items():
+        assert v > 0 and math.isfinite(v), (k, v)
+    # diagnostics in the event storage
+    latest = storage.latest()
+    for key in ("eapm/cls_dif_pos", "eapm/cls_dif_neg", "eapm/cls_mf_pos", "eapm/cls_mf_neg", "eapm/reg_gos", "eapm/reg_mf"):
+        assert key in latest, key
+    assert 1.0 <= latest["eapm/cls_mf_neg"][0] <= 1 + math.tanh(1.5)
+    assert 0.0 <= latest["eapm/reg_gos"][0] <= 1.0
+
+
+def test_histograms_logged_every_period():
+    model = build_model(tiny_cfg(EAPM_RETINA, "MODEL.EAPM.HISTOGRAM_PERIOD", 2))
+    batch = make_batch(1, num_boxes=(3,))
+    for it, expected in ((0, True), (1, False)):
+        with EventStorage(it) as storage:
+            model(batch)
+        names = {h["tag"] for h in storage._histograms}
+        assert ("eapm/cls_mf_pos" in names) == expected
+        assert ("eapm/reg_gos" in names) == expected
+
+
+@pytest.mark.parametrize("boxes", [(0,), (0, 3)])
+def test_images_without_boxes(boxes):
+    model = build_model(tiny_cfg(EAPM_RETINA))
+    batch = make_batch(2, num_boxes=boxes)
+    losses, _ = _losses(model, batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert grad_norms(model, ["head.cls_score"])["head.cls_score"] > 0
+    if boxes == (0,):
+        assert float(losses["loss_box_reg"]) == 0.0
+
+
+def test_all_reduce_normaliser_single_process():
+    model = build_model(tiny_cfg(EAPM_RETINA, "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce"))
+    batch = make_batch(2, num_boxes=(3, 3))
+    losses, storage = _losses(model, batch)
+    # normaliser = this iteration's positive count (not the EMA starting at 100)
+    num_pos = storage.latest()["num_pos_anchors"][0] * 2
+    ema = build_model(tiny_cfg(EAPM_RETINA))
+    ema.load_state_dict(model.state_dict())
+    l2, _ = _losses(ema, batch)
+    ratio = float(losses["loss_cls"] / l2["loss_cls"])
+    assert abs(ratio - (100 * 0.9 + num_pos * 0.1) / num_pos) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("MODEL.EAPM.CLS.MU", -1.0),
+        ("MODEL.EAPM.CLS.MU", float("nan")),
+        ("MODEL.EAPM.REG.THETA", float("inf")),
+        ("MODEL.BALANCED_L1.ALPHA", 0.0),
+        ("MODEL.BALANCED_L1.GAMMA", -1.0),
+        ("MODEL.BALANCED_L1.BETA", 0.0),
+        ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "l2"),
+        ("MODEL.LOSS_NORMALIZER.TYPE", "median"),
+    ],
+)
+def test_bad_config_rejected_when_building(key, value):
+    cfg = tiny_cfg(EAPM_RETINA, key, value)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_model(cfg)
+
+
+def test_eapm_reg_requires_balanced_l1():
+    cfg = tiny_cfg(EAPM_RETINA, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "smooth_l1")
+    with pytest.raises(ValueError, match="BBOX_REG_LOSS_TYPE"):
+        build_model(cfg)
+
+
+def test_inference_returns_instances():
+    model = build_model(tiny_cfg(EAPM_RETINA))
+    model.eval()
+    with torch.no_grad():
+        out = model(make_batch(2, num_boxes=(0,)))
+    assert len(out) == 2 and out[0]["instances"].pred_boxes.tensor.shape[-1] == 4
