@@ -16,6 +16,8 @@ __all__ = ["add_eapm_config", "validate_eapm_config"]
 DENSE_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
 # regression losses the ROI box head accepts
 ROI_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
+# regression losses FCOS accepts (on decoded boxes; detectron2's FCOS uses giou)
+FCOS_BOX_LOSSES = ("giou", "diou", "ciou")
 
 
 def add_eapm_config(cfg: CN) -> CN:
@@ -61,28 +63,40 @@ def add_eapm_config(cfg: CN) -> CN:
     _C.MODEL.LOSS_NORMALIZER.TYPE = "ema"
 
     # ------------------------------------------------------- FCOS (yacs)
+    # Keys of EAPMFCOS (MODEL.META_ARCHITECTURE "EAPMFCOS"), detectron2's FCOS made
+    # buildable from yacs; the defaults are those of detectron2's FCOS LazyConfig.
+    # Its box loss is not modulated (EAPM regression is defined for anchor deltas):
+    # MODEL.EAPM.REG.ENABLED must stay False; MODEL.EAPM.CLS applies to the classifier.
     _C.MODEL.FCOS = CN()
-    # number of foreground classes
+    # number of foreground classes (>= 1)
     _C.MODEL.FCOS.NUM_CLASSES = 80
-    # backbone features the head reads (P3-P7 from the FCOS FPN backbone)
+    # backbone features the head reads (P3-P7 of build_fcos_resnet_fpn_backbone);
+    # the i-th level is responsible for objects of size range (4, 8] x its stride
+    # (first level from 0, last level to infinity), as in detectron2's FCOS
     _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # conv layers in each of the two head towers
+    # conv layers in each of the two head towers (>= 1; detectron2's head needs one)
     _C.MODEL.FCOS.NUM_CONVS = 4
-    # normalisation in the head towers: "GN", "BN", "SyncBN", "" (none)
+    # normalisation in the head towers: "GN" (FCOS), "BN", "SyncBN", "" (none); GN (32
+    # groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= 64
     _C.MODEL.FCOS.HEAD_NORM = "GN"
-    # prior probability of the classification bias at initialisation
+    # prior probability of the classification bias at initialisation, in (0, 1)
     _C.MODEL.FCOS.PRIOR_PROB = 0.01
-    # center sampling radius in strides (detectron2 / FCOS default 1.5; 0 disables)
+    # center sampling radius in strides (> 0; detectron2 / FCOS default 1.5). detectron2
+    # always samples centres: a location is positive only if it lies within radius x
+    # stride of a box centre, so 0 would leave no positives; a large value (1e4) turns
+    # center sampling off (the original FCOS rule: any location inside the box)
     _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
-    # detections below this score are dropped before NMS
+    # test: detections scored below this (score = sqrt(cls prob x centerness)) are dropped
+    # before NMS, in [0, 1)
     _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
-    # top-k candidates per level before NMS
+    # test: top-k candidates per level before NMS (>= 1)
     _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
-    # NMS IoU threshold
+    # test: NMS IoU threshold, in (0, 1]
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
-    # box regression loss: "giou" (as detectron2's FCOS)
+    # box regression loss on the decoded boxes: "giou" (detectron2's FCOS), "diou", "ciou"
     _C.MODEL.FCOS.BOX_LOSS_TYPE = "giou"
-    # focal loss parameters of the classification branch
+    # focal loss alpha (in [0, 1]; < 0 disables the weighting, as fvcore) and gamma (>= 0)
+    # of the classification branch, used by plain and EAPM focal loss alike
     _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
 
@@ -133,6 +147,14 @@ def _finite_pos(cfg: CN, key: str) -> None:
     _require(ok, key, "must be a finite number > 0", v)
 
 
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _get(cfg: CN, key: str):
     node = cfg
     for part in key.split("."):
@@ -153,6 +175,12 @@ def validate_eapm_config(cfg: CN) -> None:
     _require(rt in DENSE_BOX_LOSSES, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", f"must be one of {DENSE_BOX_LOSSES}", rt)
     rb = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE
     _require(rb in ROI_BOX_LOSSES, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", f"must be one of {ROI_BOX_LOSSES}", rb)
+    _require(
+        not (cfg.MODEL.EAPM.REG.ENABLED and "FCOS" in cfg.MODEL.META_ARCHITECTURE),
+        "MODEL.EAPM.REG.ENABLED",
+        "FCOS has no anchor deltas to modulate (EAPM regression is for anchor-based detectors)",
+        cfg.MODEL.EAPM.REG.ENABLED,
+    )
     if cfg.MODEL.EAPM.REG.ENABLED:
         arch = cfg.MODEL.META_ARCHITECTURE
         key, loss = (
@@ -167,14 +195,41 @@ def validate_eapm_config(cfg: CN) -> None:
             loss,
         )
     fc = cfg.MODEL.FCOS
-    _require(fc.BOX_LOSS_TYPE in ("giou",), "MODEL.FCOS.BOX_LOSS_TYPE", "must be 'giou'", fc.BOX_LOSS_TYPE)
-    _require(int(fc.NUM_CONVS) >= 0, "MODEL.FCOS.NUM_CONVS", "must be >= 0", fc.NUM_CONVS)
-    _finite_nonneg(cfg, "MODEL.FCOS.CENTER_SAMPLING_RADIUS")
+    _require(
+        fc.BOX_LOSS_TYPE in FCOS_BOX_LOSSES, "MODEL.FCOS.BOX_LOSS_TYPE", f"must be one of {FCOS_BOX_LOSSES}", fc.BOX_LOSS_TYPE
+    )
+    _require(_is_int(fc.NUM_CLASSES) and fc.NUM_CLASSES >= 1, "MODEL.FCOS.NUM_CLASSES", "must be an integer >= 1", fc.NUM_CLASSES)
+    _require(_is_int(fc.NUM_CONVS) and fc.NUM_CONVS >= 1, "MODEL.FCOS.NUM_CONVS", "must be an integer >= 1", fc.NUM_CONVS)
+    _require(
+        isinstance(fc.IN_FEATURES, (list, tuple)) and len(fc.IN_FEATURES) > 0,
+        "MODEL.FCOS.IN_FEATURES",
+        "must be a non-empty list of backbone feature names",
+        fc.IN_FEATURES,
+    )
+    _finite_pos(cfg, "MODEL.FCOS.CENTER_SAMPLING_RADIUS")
     p = fc.PRIOR_PROB
-    _require(0 < p < 1, "MODEL.FCOS.PRIOR_PROB", "must be in (0, 1)", p)
+    _require(_is_num(p) and 0 < p < 1, "MODEL.FCOS.PRIOR_PROB", "must be in (0, 1)", p)
+    st = fc.SCORE_THRESH_TEST
+    _require(_is_num(st) and 0 <= st < 1, "MODEL.FCOS.SCORE_THRESH_TEST", "must be in [0, 1)", st)
+    nt = fc.NMS_THRESH_TEST
+    _require(_is_num(nt) and 0 < nt <= 1, "MODEL.FCOS.NMS_THRESH_TEST", "must be in (0, 1]", nt)
+    k = fc.TOPK_CANDIDATES_TEST
+    _require(_is_int(k) and k >= 1, "MODEL.FCOS.TOPK_CANDIDATES_TEST", "must be an integer >= 1", k)
+    a = fc.FOCAL_LOSS_ALPHA
+    _require(_is_num(a) and a <= 1, "MODEL.FCOS.FOCAL_LOSS_ALPHA", "must be <= 1 (< 0 disables the weighting)", a)
+    _finite_nonneg(cfg, "MODEL.FCOS.FOCAL_LOSS_GAMMA")
     _require(
         fc.HEAD_NORM in ("", "GN", "BN", "SyncBN", "FrozenBN", "LN"), "MODEL.FCOS.HEAD_NORM", "unknown norm", fc.HEAD_NORM
     )
+    if fc.HEAD_NORM == "GN" and "FCOS" in cfg.MODEL.META_ARCHITECTURE:
+        ch = cfg.MODEL.FPN.OUT_CHANNELS
+        _require(
+            ch % 32 == 0 and ch >= 64,
+            "MODEL.FCOS.HEAD_NORM",
+            f"'GN' (32 groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= 64, got {ch} (with 32 channels "
+            "each group holds one channel, which fails on the 1x1 P7 maps of small images); use HEAD_NORM ''",
+            fc.HEAD_NORM,
+        )
     bfp = cfg.MODEL.BFP
     _require(
         bfp.REFINE_TYPE in ("non_local", "conv", "none"),

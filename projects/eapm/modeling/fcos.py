@@ -1,0 +1,159 @@
+"""FCOS with EAPM focal loss (paper Table 1), registered as ``EAPMFCOS``, buildable
+from yacs keys under ``MODEL.FCOS``.
+
+detectron2 ships FCOS only as a LazyConfig model (not registered, ``__init__`` not
+``@configurable``). ``EAPMFCOS`` subclasses it, adds a ``from_config`` that builds
+the backbone and detectron2's ``FCOSHead`` from the config, and overrides only
+``losses``. With EAPM off (and the default "ema" normaliser and "giou" box loss) the
+three losses are computed by the same functions, on the same tensors, with the same
+normaliser as detectron2's ``FCOS.losses``.
+
+``build_fcos_resnet_fpn_backbone`` is the FCOS backbone: ResNet + FPN on res3-res5
+with P6 / P7 computed from P5 (detectron2's ``LastLevelP6P7`` on the FPN output, as in
+detectron2's FCOS LazyConfig), unlike RetinaNet's builder which takes them from C5.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.utils.events import get_event_storage
+from fvcore.nn import sigmoid_focal_loss_jit
+
+from .common import dense_loss_normalizer, eapm_focal_loss_sum
+from .retinanet import eapm_loss_kwargs
+
+__all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone"]
+
+# detectron2's FCOS initialises its (single, shared) EMA loss normaliser at 300
+FCOS_NORMALIZER_INITIAL = 300
+
+
+@BACKBONE_REGISTRY.register()
+def build_fcos_resnet_fpn_backbone(cfg, input_shape):
+    """ResNet-FPN giving P3-P7 (with MODEL.FPN.IN_FEATURES res3-res5), P6 from P5 and
+    P7 from P6 (3x3 stride-2 convs with MODEL.FPN.OUT_CHANNELS in and out)."""
+    bottom_up = build_resnet_backbone(cfg, input_shape)
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class EAPMFCOS(FCOS):
+    """detectron2's FCOS whose classification loss can be EAPM focal loss.
+
+    Extra args (besides FCOS's):
+        eapm_cls_mu: mu of EAPM focal loss; None = detectron2's focal loss.
+        box_loss_type: "giou" (detectron2's FCOS), "diou" or "ciou", on decoded boxes.
+        loss_normalizer: "ema" (detectron2: one EMA of the positive count, initial 300,
+            shared by the three losses) or "all_reduce" (mmdetection: this iteration's
+            positive count averaged over all processes).
+        histogram_period: log histograms of Dif / MF every this many iterations.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        eapm_cls_mu=None,
+        box_loss_type="giou",
+        loss_normalizer="ema",
+        histogram_period=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.eapm_cls_mu = eapm_cls_mu
+        self.box_loss_type = box_loss_type
+        self.loss_normalizer_type = loss_normalizer
+        self.histogram_period = histogram_period
+
+    @classmethod
+    def from_config(cls, cfg):
+        common = eapm_loss_kwargs(cfg)  # validates first: a bad value fails before anything is built
+        fc = cfg.MODEL.FCOS
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in fc.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"Invalid config MODEL.FCOS.IN_FEATURES = {list(fc.IN_FEATURES)!r}: {missing} not produced by "
+                f"the backbone (it gives {sorted(shapes)}); use MODEL.BACKBONE.NAME 'build_fcos_resnet_fpn_backbone'"
+            )
+        feature_shapes = [shapes[f] for f in fc.IN_FEATURES]
+        head = FCOSHead(
+            input_shape=feature_shapes,
+            num_classes=fc.NUM_CLASSES,
+            conv_dims=[feature_shapes[0].channels] * fc.NUM_CONVS,
+            norm=fc.HEAD_NORM,
+            prior_prob=fc.PRIOR_PROB,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": list(fc.IN_FEATURES),
+            "num_classes": fc.NUM_CLASSES,
+            "center_sampling_radius": fc.CENTER_SAMPLING_RADIUS,
+            "focal_loss_alpha": fc.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": fc.FOCAL_LOSS_GAMMA,
+            "test_score_thresh": fc.SCORE_THRESH_TEST,
+            "test_topk_candidates": fc.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": fc.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "eapm_cls_mu": common["eapm_cls_mu"],
+            "box_loss_type": fc.BOX_LOSS_TYPE,
+            "loss_normalizer": common["loss_normalizer"],
+            "histogram_period": common["histogram_period"],
+        }
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
+        """Same inputs, outputs (``loss_fcos_cls/loc/ctr``) and normalisation as
+        ``FCOS.losses``; FCOS has no ignored locations."""
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        num_pos = pos_mask.sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos / num_images)
+        normalizer = dense_loss_normalizer(self, num_pos, self.loss_normalizer_type, initial=FCOS_NORMALIZER_INITIAL)
+
+        # classification over every location; one-hot targets without the background column
+        targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[:, :, :-1]
+        logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
+        if self.eapm_cls_mu is None:
+            loss_cls = sigmoid_focal_loss_jit(
+                logits,
+                targets.to(pred_logits[0].dtype),
+                alpha=self.focal_loss_alpha,
+                gamma=self.focal_loss_gamma,
+                reduction="sum",
+            )
+        else:
+            loss_cls = eapm_focal_loss_sum(
+                logits, targets, self.eapm_cls_mu, self.focal_loss_alpha, self.focal_loss_gamma, self.histogram_period
+            )
+
+        loss_loc = _dense_box_regression_loss(
+            anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, pos_mask, box_reg_loss_type=self.box_loss_type
+        )
+
+        ctr_targets = self.compute_ctrness_targets(anchors, gt_boxes)  # (N, R)
+        ctr_pred = torch.cat(pred_centerness, dim=1).squeeze(dim=2)  # (N, R)
+        loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred[pos_mask], ctr_targets[pos_mask], reduction="sum")
+        return {
+            "loss_fcos_cls": loss_cls / normalizer,
+            "loss_fcos_loc": loss_loc / normalizer,
+            "loss_fcos_ctr": loss_ctr / normalizer,
+        }
