@@ -146,3 +146,17 @@ def test_inference_returns_instances():
     with torch.no_grad():
         out = model(make_batch(2, num_boxes=(0,)))
     assert len(out) == 2 and out[0]["instances"].pred_boxes.tensor.shape[-1] == 4
+
+
+@pytest.mark.parametrize(
+    "name,mu",
+    [("retinanet_R_50_FPN_1x", None)] + [(f"retinanet_R_50_FPN_1x_eapm_mu{m}", m) for m in ("1.0", "1.5", "2.0")],
+)
+def test_coco_configs_build(name, mu):
+    cfg = tiny_cfg(f"COCO-Detection/{name}.yaml")
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.SOLVER.MAX_ITER == 90000
+    assert cfg.MODEL.EAPM.CLS.ENABLED == (mu is not None)
+    if mu is not None:
+        assert cfg.MODEL.EAPM.CLS.MU == float(mu)
+    model = build_model(cfg)
+    assert model.eapm_cls_mu == (None if mu is None else float(mu))

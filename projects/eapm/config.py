@@ -44,6 +44,10 @@ def add_eapm_config(cfg: CN) -> CN:
     # Log the histograms of Dif, GoS and MF to the event storage every this many
     # iterations (0 = never). Means are logged every iteration (cheap).
     _C.MODEL.EAPM.HISTOGRAM_PERIOD = 0
+    # Run the fused EAPM loss kernels through torch.compile (compiled once per process;
+    # falls back to eager mode with a warning where compilation fails). Worth it for
+    # COCO-sized heads; the quickstart configs turn it off (tiny tensors).
+    _C.MODEL.EAPM.COMPILE = True
 
     # -------------------------------------------------------- balanced L1
     _C.MODEL.BALANCED_L1 = CN()
@@ -102,7 +106,9 @@ def add_eapm_config(cfg: CN) -> CN:
 
     # ------------------------------------------------ balanced feature pyramid
     _C.MODEL.BFP = CN()
-    # insert a Balanced Feature Pyramid after the FPN (Libra R-CNN / Libra RetinaNet)
+    # insert a Balanced Feature Pyramid after the FPN (Libra R-CNN / Libra RetinaNet); needs
+    # MODEL.BACKBONE.NAME build_resnet_fpn_bfp_backbone (P2-P6) or
+    # build_retinanet_resnet_fpn_bfp_backbone (P3-P7), which give the plain FPN when False
     _C.MODEL.BFP.ENABLED = False
     # index (into the FPN outputs, finest first) of the level the features are
     # integrated at: 2 (P4) for the R-CNN FPN P2-P6, 1 (P4) for RetinaNet's P3-P7
@@ -111,6 +117,7 @@ def add_eapm_config(cfg: CN) -> CN:
     _C.MODEL.BFP.REFINE_TYPE = "non_local"
 
     # --------------------------------------- IoU-balanced sampling (Libra R-CNN)
+    # (used by MODEL.ROI_HEADS.NAME "LibraROIHeads" only)
     # number of IoU bins of the IoU-balanced negative sampler (0 = detectron2's random sampler)
     _C.MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS = 3
     # negatives with max IoU below this are sampled at random (-1: no floor set, as mmdetection)
@@ -238,6 +245,14 @@ def validate_eapm_config(cfg: CN) -> None:
         bfp.REFINE_TYPE,
     )
     _require(int(bfp.REFINE_LEVEL) >= 0, "MODEL.BFP.REFINE_LEVEL", "must be >= 0", bfp.REFINE_LEVEL)
+    bb = cfg.MODEL.BACKBONE.NAME
+    _require(
+        not bfp.ENABLED or bb.endswith("_bfp_backbone"),
+        "MODEL.BACKBONE.NAME",
+        "MODEL.BFP.ENABLED needs a BFP backbone builder (build_resnet_fpn_bfp_backbone or "
+        "build_retinanet_resnet_fpn_bfp_backbone); with this one BFP would silently be off",
+        bb,
+    )
     rh = cfg.MODEL.ROI_HEADS
     _require(int(rh.IOU_BALANCED_NUM_BINS) >= 0, "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", "must be >= 0", rh.IOU_BALANCED_NUM_BINS)
     ff = rh.IOU_BALANCED_FLOOR_FRACTION

@@ -32,7 +32,8 @@ of +-100 in float32.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import warnings
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -46,7 +47,9 @@ __all__ = [
     "balanced_l1_loss",
     "eapm_balanced_l1_loss",
     "eapm_focal_terms",
+    "eapm_focal_loss_sum_with_stats",
     "check_eapm_param",
+    "set_compile",
 ]
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -107,15 +110,6 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    # the mean of an empty tensor is NaN in torch; an empty loss is 0 (with a grad path)
-    return loss.sum() if loss.numel() == 0 else loss.mean()
-
-
 def _sinhc(z: Tensor) -> Tensor:
     """sinh(z) / z, = 1 at z = 0, accurate for small |z|."""
     small = z.abs() < 1e-3
@@ -147,8 +141,48 @@ def _attach(input: Tensor, value: Tensor, grad: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------
+# torch.compile of the single-pass kernels (optional, with an eager fallback)
+# ----------------------------------------------------------------------------
+_EAGER_KERNELS: Dict[str, Callable] = {}
+_COMPILED_KERNELS: Dict[str, Callable] = {}
+_COMPILE = {"enabled": False, "failed": False}
+
+
+def set_compile(enabled: bool) -> None:
+    """Run the loss kernels through ``torch.compile`` (dynamic shapes: compiled once
+    per process and loss parameters, not per batch). If compilation fails the kernels
+    fall back to eager mode with one warning; both paths give the same results."""
+    _COMPILE["enabled"] = bool(enabled)
+
+
+def compile_enabled() -> bool:
+    return _COMPILE["enabled"] and not _COMPILE["failed"]
+
+
+def _kernel(fn: Callable) -> Callable:
+    _EAGER_KERNELS[fn.__name__] = fn
+    return fn
+
+
+def _run_kernel(name: str, *args):
+    # float32 math whatever the autocast state (the kernels only do elementwise work)
+    with torch.autocast(device_type=args[0].device.type, enabled=False):
+        if compile_enabled():
+            fn = _COMPILED_KERNELS.get(name)
+            if fn is None:
+                fn = _COMPILED_KERNELS[name] = torch.compile(_EAGER_KERNELS[name], dynamic=True)
+            try:
+                return fn(*args)
+            except Exception as e:  # no compiler, unsupported platform, ...
+                _COMPILE["failed"] = True
+                warnings.warn(f"torch.compile of the EAPM loss kernels failed ({type(e).__name__}: {e}); using eager mode")
+        return _EAGER_KERNELS[name](*args)
+
+
+# ----------------------------------------------------------------------------
 # focal loss
 # ----------------------------------------------------------------------------
+@_kernel
 def _focal_terms(
     x: Tensor, t: Tensor, mu: float, alpha: float, gamma: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -187,6 +221,18 @@ def _focal_terms(
     return loss, sign * grad, e, mf
 
 
+@_kernel
+def _focal_sum(x: Tensor, t: Tensor, mu: float, alpha: float, gamma: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Summed loss, per-element gradient and the diagnostic sums
+    [sum Dif over positives, over negatives, sum MF over positives, over negatives,
+    number of positives], fused in one pass."""
+    loss, grad, dif, mf = _focal_terms(x, t, mu, alpha, gamma)
+    pos = (t > 0.5).to(x.dtype)
+    neg = 1.0 - pos
+    stats = torch.stack([(dif * pos).sum(), (dif * neg).sum(), (mf * pos).sum(), (mf * neg).sum(), pos.sum()])
+    return loss.sum(), grad, stats
+
+
 def _check_focal_args(inputs: Tensor, targets: Tensor, alpha: float, gamma: float) -> None:
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
@@ -218,7 +264,23 @@ def eapm_sigmoid_focal_loss(
     ``inputs`` is the focal loss's gradient at the modulated logit.
     """
     _check_reduction(reduction)
-    return _reduce(eapm_focal_terms(inputs, targets, mu, alpha, gamma)[0], reduction)
+    if reduction == "none":
+        return eapm_focal_terms(inputs, targets, mu, alpha, gamma)[0]
+    loss, _ = eapm_focal_loss_sum_with_stats(inputs, targets, mu, alpha, gamma)
+    return loss / inputs.numel() if reduction == "mean" and inputs.numel() > 0 else loss
+
+
+def eapm_focal_loss_sum_with_stats(
+    inputs: Tensor, targets: Tensor, mu: float, alpha: float = 0.25, gamma: float = 2.0
+) -> Tuple[Tensor, Tensor]:
+    """Summed EAPM focal loss and the detached diagnostic sums (see ``_focal_sum``),
+    computed in one fused pass (compiled when ``set_compile(True)``)."""
+    mu = check_eapm_param(mu, "mu")
+    _check_focal_args(inputs, targets, alpha, gamma)
+    x = _to_float(inputs).detach()
+    t = targets.to(x.dtype)
+    loss, grad, stats = _run_kernel("_focal_sum", x, t, mu, float(alpha), float(gamma))
+    return _attach(inputs, loss, grad), stats
 
 
 def eapm_focal_terms(
@@ -231,7 +293,7 @@ def eapm_focal_terms(
     _check_focal_args(inputs, targets, alpha, gamma)
     x = _to_float(inputs).detach()
     t = targets.to(x.dtype)
-    loss, grad, dif, mf = _focal_terms(x, t, mu, float(alpha), float(gamma))
+    loss, grad, dif, mf = _run_kernel("_focal_terms", x, t, mu, float(alpha), float(gamma))
     return _attach(inputs, loss, grad), dif, mf
 
 
@@ -279,7 +341,7 @@ def balanced_l1_loss(
         d <  beta: alpha/b (b d + 1) ln(b d / beta + 1) - alpha d
         d >= beta: gamma d + gamma/b - alpha beta,          b = e^(gamma/alpha) - 1
     """
-    return _eapm_bl1(input, target, 0.0, alpha, gamma, beta, reduction, modulate_cols=None)
+    return _eapm_bl1(input, target, 0.0, alpha, gamma, beta, reduction, modulate=False)
 
 
 def eapm_balanced_l1_loss(
@@ -299,10 +361,24 @@ def eapm_balanced_l1_loss(
     """
     if input.shape[-1:] != (4,):
         raise ValueError(f"eapm_balanced_l1_loss expects (..., 4) box deltas, got {tuple(input.shape)}")
-    return _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate_cols=(2, 3))
+    return _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate=True)
 
 
-def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate_cols):
+@_kernel
+def _bl1_kernel(t: Tensor, g: Tensor, theta: float, alpha: float, gamma: float, beta: float, modulate: bool, reduce: bool):
+    """(loss or its sum, d loss / d t) of (EAPM) balanced L1 in one pass."""
+    err = t - g
+    if modulate and theta > 0:
+        # MF on the dw, dh columns only (GoS is defined for w and h)
+        wh = torch.arange(t.shape[-1], device=t.device) >= 2
+        mf = torch.where(wh, 1.0 + math.tanh(theta) - torch.tanh(theta * gap_over_sum(t, g)), torch.ones_like(err))
+        err = mf * err
+    loss, grad = _balanced_l1_terms(err.abs(), alpha, gamma, beta)
+    grad = torch.sign(err) * grad
+    return (loss.sum() if reduce else loss), grad
+
+
+def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate):
     theta = check_eapm_param(theta, "theta")
     _check_reduction(reduction)
     _check_bl1_args(alpha, gamma, beta)
@@ -310,12 +386,9 @@ def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate_cols
         raise ValueError(f"input {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape")
     t = _to_float(input).detach()
     g = target.to(t.dtype)
-    err = t - g
-    if theta > 0 and modulate_cols is not None:
-        mf = torch.ones_like(err)
-        cols = list(modulate_cols)
-        mf[..., cols] = modulating_factor(gap_over_sum(t[..., cols], g[..., cols]), theta)
-        err = mf * err
-    loss, grad = _balanced_l1_terms(err.abs(), float(alpha), float(gamma), float(beta))
-    grad = torch.sign(err) * grad
-    return _reduce(_attach(input, loss, grad), reduction)
+    reduce = reduction != "none"
+    loss, grad = _run_kernel("_bl1_kernel", t, g, theta, float(alpha), float(gamma), float(beta), modulate, reduce)
+    loss = _attach(input, loss, grad)
+    if reduction == "mean" and input.numel() > 0:
+        loss = loss / input.numel()
+    return loss

@@ -5,7 +5,13 @@ import torch
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..losses import eapm_balanced_l1_loss, eapm_focal_terms, gap_over_sum, modulating_factor
+from ..losses import (
+    eapm_balanced_l1_loss,
+    eapm_focal_loss_sum_with_stats,
+    eapm_focal_terms,
+    gap_over_sum,
+    modulating_factor,
+)
 
 __all__ = ["dense_loss_normalizer", "eapm_focal_loss_sum", "box_reg_balanced_l1"]
 
@@ -28,31 +34,31 @@ def dense_loss_normalizer(model, num_pos: int, mode: str, name: str = "loss_norm
     raise ValueError(f"Unknown MODEL.LOSS_NORMALIZER.TYPE {mode!r}")
 
 
-def _put_stats(prefix: str, values: torch.Tensor, mask: torch.Tensor, hist: bool) -> None:
-    storage = get_event_storage()
-    n = int(mask.sum())
-    if n == 0:
-        return
-    sel = values.masked_select(mask) if hist else None
-    mean = sel.mean() if sel is not None else (values * mask).sum() / n
-    storage.put_scalar(prefix, float(mean))
-    if hist:
-        storage.put_histogram(prefix, sel.float())
-
-
 def eapm_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period: int = 0, prefix: str = "eapm/cls"):
-    """Summed EAPM focal loss, with the means of Dif and MF over positives and negatives
-    (and, every ``hist_period`` iterations, their histograms) put in the event storage."""
-    loss, dif, mf = eapm_focal_terms(logits, targets, mu, alpha, gamma)
+    """Summed EAPM focal loss; the means of Dif and MF over positives and negatives go
+    to the event storage (fused into the loss pass), and every ``hist_period``
+    iterations their histograms."""
     storage = get_event_storage()
-    hist = hist_period > 0 and storage.iter % hist_period == 0
-    with torch.no_grad():
+    if hist_period > 0 and storage.iter % hist_period == 0:
+        loss, dif, mf = eapm_focal_terms(logits, targets, mu, alpha, gamma)
         pos = targets > 0.5
-        _put_stats(f"{prefix}_dif_pos", dif, pos, hist)
-        _put_stats(f"{prefix}_dif_neg", dif, ~pos, hist)
-        _put_stats(f"{prefix}_mf_pos", mf, pos, hist)
-        _put_stats(f"{prefix}_mf_neg", mf, ~pos, hist)
-    return loss.sum()
+        for name, values in (("dif", dif), ("mf", mf)):
+            for part, mask in (("pos", pos), ("neg", ~pos)):
+                if mask.any():
+                    sel = values[mask]
+                    storage.put_scalar(f"{prefix}_{name}_{part}", float(sel.mean()))
+                    storage.put_histogram(f"{prefix}_{name}_{part}", sel)
+        return loss.sum()
+    loss, stats = eapm_focal_loss_sum_with_stats(logits, targets, mu, alpha, gamma)
+    dif_pos, dif_neg, mf_pos, mf_neg, n_pos = stats.tolist()
+    n_neg = logits.numel() - n_pos
+    if n_pos > 0:
+        storage.put_scalar(f"{prefix}_dif_pos", dif_pos / n_pos)
+        storage.put_scalar(f"{prefix}_mf_pos", mf_pos / n_pos)
+    if n_neg > 0:
+        storage.put_scalar(f"{prefix}_dif_neg", dif_neg / n_neg)
+        storage.put_scalar(f"{prefix}_mf_neg", mf_neg / n_neg)
+    return loss
 
 
 def box_reg_balanced_l1(pred_deltas, gt_deltas, theta, balanced_l1, histogram_period=0, prefix="eapm/reg"):

@@ -17,6 +17,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit
 
 from ..config import validate_eapm_config
+from ..losses import set_compile
 from .common import box_reg_balanced_l1, dense_loss_normalizer, eapm_focal_loss_sum
 
 __all__ = ["EAPMRetinaNet", "eapm_loss_kwargs"]
@@ -27,6 +28,7 @@ def eapm_loss_kwargs(cfg) -> dict:
     EAPM detectors, read from (and validated against) the config."""
     validate_eapm_config(cfg)
     e = cfg.MODEL.EAPM
+    set_compile(e.COMPILE)
     return {
         "eapm_cls_mu": float(e.CLS.MU) if e.CLS.ENABLED else None,
         "eapm_reg_theta": float(e.REG.THETA) if e.REG.ENABLED else None,
