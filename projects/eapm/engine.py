@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
+
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as _d2_defaults
 from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from .data import register_from_config
 
@@ -44,6 +47,22 @@ class EAPMTrainer(DefaultTrainer):
         register_from_config(cfg)
         with cpu_ddp(cfg.MODEL.DEVICE == "cpu"):
             super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or AdamW with SOLVER.OPTIMIZER "ADAMW" (same parameter
+        groups, weight decay and gradient clipping)."""
+        if cfg.SOLVER.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
