@@ -1,0 +1,386 @@
+"""Research tools: gradient figures (tools/plot_gradients.py), result tables
+(tools/collect_results.py), the ablation runner (tools/ablation.py), the visualizer
+(tools/visualize.py), and the diagnostics' way to TensorBoard / metrics.json."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_batch, tiny_cfg
+
+TOOLS = os.path.join(REPO, "tools")
+EAPM_TAGS = ("eapm/cls_dif_pos", "eapm/cls_dif_neg", "eapm/cls_mf_pos", "eapm/cls_mf_neg", "eapm/reg_gos", "eapm/reg_mf")
+
+
+def load_tool(name):
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    spec = importlib.util.spec_from_file_location(f"eapm_tool_{name}", os.path.join(TOOLS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def event_tags(folder):
+    """{(tag, plugin)} of every summary in the folder's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags = set()
+    for f in glob.glob(os.path.join(str(folder), "events.out.tfevents.*")):
+        for ev in EventFileLoader(f).Load():
+            for v in ev.summary.value:
+                tags.add((v.tag, v.metadata.plugin_data.plugin_name))
+    return tags
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    """A 4-image COCO-json dataset (64 px, one or two boxes each): (json, image_root)."""
+    import cv2
+
+    from eapm.data import shapes
+
+    root = tmp_path_factory.mktemp("tiny_coco")
+    imgs = root / "images"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(4):
+        img = rng.integers(60, 120, size=(64, 64, 3), dtype=np.uint8)
+        for j in range(1 + i % 2):
+            x, y = int(rng.integers(2, 30)), int(rng.integers(2, 30))
+            w, h = int(rng.integers(8, 30)), int(rng.integers(4, 30))
+            img[y : y + h, x : x + w] = (40 + 60 * j, 200, 240)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + (i + j) % 4,
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+        cv2.imwrite(str(imgs / f"img{i}.png"), img)
+        images.append({"id": i + 1, "file_name": f"img{i}.png", "width": 64, "height": 64})
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(shapes.CLASSES)]
+    js = root / "instances.json"
+    js.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return str(js), str(imgs)
+
+
+# ----------------------------------------------------------------------------
+# plot_gradients
+# ----------------------------------------------------------------------------
+def test_plot_gradients_writes_figures_and_the_properties_hold(tmp_path):
+    tool = load_tool("plot_gradients")
+    props = tool.main(["--out", str(tmp_path)])
+    for name in tool.FIGURES:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 200_000
+    assert json.loads((tmp_path / "properties.json").read_text())["claims"] == props["claims"]
+    assert "Claims:" in (tmp_path / "properties.txt").read_text()
+    assert all(props["claims"].values()), props["claims"]
+
+    f = props["focal"]
+    assert f["alpha"] < 0 and f["gamma"] == 2.0  # alpha disabled: positives == negatives
+    for mu, parts in f["mu"].items():
+        assert parts["pos"]["ratio_at"] == parts["neg"]["ratio_at"]
+        p = parts["pos"]
+        # (a) easy examples: the absolute change is negligible (< 1% of the largest focal
+        # gradient), although the *ratio* there is large (the focal gradient is ~0)
+        assert p["easy_max_abs_change_rel_to_max_grad"] < 0.01
+        assert p["ratio_at"]["0.01"] > 4
+        # very hard examples: nearly unchanged (slightly below 1: the focal gradient peaks
+        # at Dif ~ 0.95 and the modulation moves past the peak)
+        assert abs(p["ratio_at"]["0.99"] - 1) < 0.03 and p["hard_max_rel_change"] < 0.05
+        # medium difficulty: raised
+        assert p["mid_min_ratio"] > 1.1 and p["ratio_at"]["0.5"] > 1.5
+        assert 0.4 < p["max_abs_increase_at_dif"] < 0.7
+    # (b) mu shifts the up-weighting towards easier examples
+    r = {mu: f["mu"][mu]["pos"]["ratio_at"] for mu in ("1.0", "1.5", "2.0")}
+    assert r["1.0"]["0.01"] < r["1.5"]["0.01"] < r["2.0"]["0.01"]
+    assert r["1.0"]["0.7"] > r["1.5"]["0.7"] > r["2.0"]["0.7"]
+    assert f["semantics_max_rel_diff"] < 1e-6
+
+    g = props["regression"]
+    assert g["shape_sum"] == 1.5 and g["bl1_over_smooth_l1_min_ratio_inliers"] > 1.4
+    for theta, t in g["theta"].items():
+        assert t["inlier_min_ratio"] > 1.0 and t["ratio_at_error"]["0.3"] > 1.15
+        assert t["outlier_max_rel_change"] < 1e-9 and t["ratio_at_error"]["1.2"] == 1.0
+        by_sum = t["ratio_at_fixed_error_by_shape_sum"]
+        assert by_sum["0.3"] == pytest.approx(1.0) and by_sum["0.4"] < 1.06 < 1.15 < by_sum["1.5"]
+    assert g["semantics_max_rel_diff"] < 1e-9
+
+
+def test_committed_figures_are_small_pngs():
+    for name in ("eapm_focal_gradient.png", "eapm_balanced_l1_gradient.png"):
+        path = os.path.join(REPO, "docs", "figures", name)
+        assert os.path.isfile(path), f"run: python tools/plot_gradients.py --out docs/figures ({name} missing)"
+        assert os.path.getsize(path) < 200_000
+
+
+# ----------------------------------------------------------------------------
+# diagnostics: storage -> TensorBoard / metrics.json
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("period", [0, 1])
+def test_eapm_histograms_reach_tensorboard_scalars_reach_metrics_json(tmp_path, period):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
+
+    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.EAPM.HISTOGRAM_PERIOD", period)
+    model = build_model(cfg)
+    model.train()
+    torch.manual_seed(0)
+    tb = TensorboardXWriter(str(tmp_path))
+    js = JSONWriter(str(tmp_path / "metrics.json"))
+    with EventStorage(0) as storage:
+        for it in range(2):
+            storage.iter = it
+            sum(model(make_batch(2, num_boxes=(3, 2), seed=it)).values()).backward()
+            storage.step()
+        tb.write()
+        js.write()
+    tb.close()
+    js.close()
+    tags = event_tags(tmp_path)
+    hist = {t for t, plugin in tags if plugin == "histograms"}
+    scalars = {t for t, plugin in tags if plugin == "scalars"}
+    assert set(EAPM_TAGS) <= scalars
+    assert hist == (set(EAPM_TAGS) if period else set())
+    # metrics.json takes the scalars only (detectron2's JSONWriter ignores histograms)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert all(k in lines[-1] for k in EAPM_TAGS)
+    assert all(isinstance(v, (int, float)) for line in lines for v in line.values())
+
+
+# ----------------------------------------------------------------------------
+# collect_results
+# ----------------------------------------------------------------------------
+def _log(blocks):
+    lines = ["[11/29 05:43:03 detectron2]: Rank of current process: 0. World size: 1"]
+    for ds, vals in blocks:
+        lines += [
+            f"[11/29 05:45:06 d2.engine.defaults]: Evaluation results for {ds} in csv format:",
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: Task: bbox",
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: " + ",".join(f"{v:.4f}" for v in vals),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _config_yaml(output_dir, test=("coco_2017_val",)):
+    return f"DATASETS:\n  TEST:\n" + "".join(f"  - {t}\n" for t in test) + f"OUTPUT_DIR: {output_dir}\nSEED: 1\n"
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    # 1) log.txt with an old and a newer evaluation, config.yaml naming the config
+    a = tmp_path / "retinanet_R_50_FPN_1x"
+    a.mkdir()
+    a.joinpath("config.yaml").write_text(_config_yaml("./output/coco/retinanet_R_50_FPN_1x"))
+    a.joinpath("log.txt").write_text(
+        _log([("coco_2017_val", [1, 2, 3, 4, 5, 6]), ("coco_2017_val", [35.5123, 55.01, 38.3, 20.04, 39.6, 46.8])])
+    )
+    # 2) metrics.json only; the folder name says nothing, config.yaml's OUTPUT_DIR does
+    b = tmp_path / "job_42"
+    b.mkdir()
+    b.joinpath("config.yaml").write_text(_config_yaml("/ckpt/retinanet_R_50_FPN_1x_eapm_mu1.5"))
+    b.joinpath("metrics.json").write_text(
+        json.dumps({"iteration": 19, "loss_cls": 1.0, "eapm/cls_mf_pos": 1.2}) + "\n"
+        + json.dumps({"iteration": 89999, "bbox/AP": 36.9, "bbox/AP50": 56.6, "bbox/AP75": 39.7,
+                      "bbox/APs": 20.5, "bbox/APm": 40.6, "bbox/APl": 49.1, "bbox/AP-person": 50.0}) + "\n"
+    )  # fmt: skip
+    # 3) no config.yaml: named by the folder; evaluated on test-dev (paper Table 3)
+    c = tmp_path / "libra_retinanet_R_50_FPN_1x_eapm_mu1.5_theta1.0"
+    c.mkdir()
+    c.joinpath("log.txt").write_text(_log([("coco_2017_test-dev", [38.0, 58.0, 41.0, 21.0, 41.0, 48.0])]))
+    # 4) nothing yet
+    d = tmp_path / "fcos_R_50_FPN_1x"
+    d.mkdir()
+    return [str(a), str(b), str(c), str(d)]
+
+
+def _rows(table):
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| run "):
+            cells = [x.strip() for x in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_collect_results_table_values_deltas_and_paper(fake_runs, tmp_path, capsys):
+    tool = load_tool("collect_results")
+    out = tmp_path / "table.md"
+    table = tool.main([*fake_runs, "--paper", "--output", str(out)])
+    assert capsys.readouterr().out == table == out.read_text()
+    assert table.splitlines()[0].startswith("| run | dataset | AP | AP (paper) | AP50 | AP50 (paper) |")
+    rows = _rows(table)
+    base = rows["retinanet_R_50_FPN_1x (baseline)"]
+    # the *last* evaluation of the log, the paper's Table 1 RetinaNet row
+    assert base == ["coco_2017_val", "35.5", "35.6", "55.0", "55.5", "38.3", "38.3", "20.0", "20.0", "39.6",
+                    "39.6", "46.8", "46.8"]  # fmt: skip
+    mu = rows["retinanet_R_50_FPN_1x_eapm_mu1.5"]
+    assert mu[:5] == ["coco_2017_val", "36.9 (+1.4)", "37.1 (+1.5)", "56.6 (+1.6)", "56.6 (+1.1)"]
+    assert mu[-2:] == ["49.1 (+2.3)", "49.1 (+2.3)"]
+    # test-dev: paper Table 3, no differences across evaluation sets
+    td = rows["libra_retinanet_R_50_FPN_1x_eapm_mu1.5_theta1.0"]
+    assert td[:3] == ["coco_2017_test-dev", "38.0", "38.5"]
+    assert "Table 3" in table and 'Table 1, "RetinaNet, mu = 1.5"' in table
+    # no results yet: dashes, a note, but the paper numbers
+    assert rows["fcos_R_50_FPN_1x"][1:3] == ["—", "35.7 (+0.1)"]
+    assert "fcos_R_50_FPN_1x: no bbox results found" in table
+
+
+def test_collect_results_baseline_choice_and_no_paper(fake_runs):
+    tool = load_tool("collect_results")
+    by_name = _rows(tool.main([*fake_runs[:2], "--baseline", "retinanet_R_50_FPN_1x_eapm_mu1.5", "--decimals", "2"]))
+    assert by_name["retinanet_R_50_FPN_1x"][1] == "35.51 (-1.39)"
+    assert by_name["retinanet_R_50_FPN_1x_eapm_mu1.5 (baseline)"][1] == "36.90"
+    assert len(by_name["retinanet_R_50_FPN_1x"]) == 7  # no paper columns
+    assert _rows(tool.main([*fake_runs[:2], "--baseline", "1", "--decimals", "2"])) == by_name
+    none = _rows(tool.main([*fake_runs[:2], "--baseline", "none"]))
+    assert none["retinanet_R_50_FPN_1x_eapm_mu1.5"][1] == "36.9"
+    with pytest.raises(SystemExit, match="matches no run"):
+        tool.main([*fake_runs[:2], "--baseline", "nope"])
+
+
+def test_collect_results_parsers(tmp_path):
+    tool = load_tool("collect_results")
+    blocks = tool.parse_log(_log([("a", [1, 2, 3, 4, 5, 6])]) + "copypaste: Task: segm\n" + _log([("b", [7] * 6)]))
+    assert [(d, t, v["AP"]) for d, t, v in blocks] == [("a", "bbox", 1.0), ("b", "bbox", 7.0)]
+    nan = tool.parse_log(_log([("a", [math.nan] * 6)]))
+    assert math.isnan(nan[0][2]["AP"])
+    # several test sets: metrics.json keys carry the dataset
+    (tmp_path / "metrics.json").write_text(json.dumps({"coco_2017_val/bbox/AP": 30.0, "other/bbox/AP": 20.0}) + "\n")
+    r = tool.read_results(str(tmp_path), dataset="coco_2017_val")
+    assert r.ok and r.metrics == {"AP": 30.0} and r.source == "metrics.json"
+
+
+def test_paper_results_cover_the_coco_configs():
+    from eapm.paper_results import PAPER_ROWS, TEST_DEV, VAL, paper_configs, paper_result
+
+    for name in paper_configs():
+        assert os.path.isfile(os.path.join(REPO, "configs", "COCO-Detection", name + ".yaml")), name
+    assert len([k for k in PAPER_ROWS if k[1] == VAL]) == 12 + 7
+    assert len([k for k in PAPER_ROWS if k[1] == TEST_DEV]) == 4
+    assert paper_result("libra_retinanet_R_50_FPN_1x", "coco_2017_test-dev").values[0] == 37.8
+    assert paper_result("libra_retinanet_R_50_FPN_1x", "coco_2017_val").values[0] == 37.6
+    assert paper_result("libra_retinanet_R_50_FPN_1x", "eapm_shapes_val") is None
+    assert paper_result("libra_retinanet_R_101_FPN_1x").values[:2] == (40.0, 59.7)
+    assert paper_result("libra_rcnn_R_50_FPN_1x_eapm_theta1.5").as_dict()["APm"] == 42.3
+
+
+# ----------------------------------------------------------------------------
+# ablation
+# ----------------------------------------------------------------------------
+def test_ablation_schedule_and_dry_run(tmp_path, capsys):
+    tool = load_tool("ablation")
+    base = {"MAX_ITER": 1500, "STEPS": [1100, 1350], "WARMUP_ITERS": 100}
+    assert tool.schedule_opts(base, None) == []
+    assert tool.schedule_opts(base, 300) == ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(220,270,)", "SOLVER.WARMUP_ITERS", "20"]
+    assert tool.schedule_opts(base, 3) == ["SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "1"]
+    assert tool.parse_seeds("3") == [1, 2, 3] and tool.parse_seeds("4,7") == [4, 7]
+    assert tool.main(["--out", str(tmp_path), "--seeds", "2", "--iters", "30", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("train_net.py") == 2 * len(tool.VARIANTS)
+    assert "SEED 2" in out and "SOLVER.MAX_ITER 30" in out
+    # every variant's reference differs from it in one group of keys, and exists
+    for name, v in tool.VARIANTS.items():
+        assert v.reference is None or v.reference in tool.VARIANTS
+    with pytest.raises(SystemExit):
+        tool.main(["--out", str(tmp_path), "--opts", "SEED", "3"])
+
+
+@pytest.mark.slow
+def test_ablation_smoke_run_resumes_and_reports(tiny_coco, tmp_path):
+    js, imgs = tiny_coco
+    out = tmp_path / "abl"
+    cmd = [
+        sys.executable, os.path.join(TOOLS, "ablation.py"), "--out", str(out), "--seeds", "1", "--iters", "3",
+        "--variants", "retinanet,eapm_mu1.5_theta1.0", "--opts",
+        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32", "SOLVER.IMS_PER_BATCH", "2",
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.EMBEDDED_ROOT", str(tmp_path / "shapes"),
+        "DATASETS.COCO_JSON", f"[['tiny', '{js}', '{imgs}']]", "DATASETS.TRAIN", "('tiny',)",
+        "DATASETS.TEST", "('tiny',)", "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.EAPM.HISTOGRAM_PERIOD", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (out / "ablation.md").read_text()
+    for v in ("retinanet", "eapm_mu1.5_theta1.0"):
+        assert f"| {v} |" in md
+        rec = json.loads((out / v / "seed1" / "ablation_run.json").read_text())
+        assert rec["returncode"] == 0 and rec["wall_s"] > 0 and "SOLVER.MAX_ITER" in rec["command"]
+        assert (out / v / "seed1" / "log.txt").is_file()
+    assert md.count("| 1/2 |") == 0 and md.count(" | 1/1 | ") == 2
+    summary = json.loads((out / "ablation.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["done", "done"]
+    assert not (tmp_path / "shapes").exists()  # the embedded dataset was never generated
+    # the EAPM run's diagnostics: histograms in TensorBoard, means in metrics.json
+    tags = event_tags(out / "eapm_mu1.5_theta1.0" / "seed1")
+    assert {(t, "histograms") for t in EAPM_TAGS} <= tags
+    metrics = (out / "eapm_mu1.5_theta1.0" / "seed1" / "metrics.json").read_text()
+    assert all(t in metrics for t in EAPM_TAGS)
+    # resumable: a second call skips both runs
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("results exist, skipped") == 2, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# visualize
+# ----------------------------------------------------------------------------
+def test_visualize_untrained_model_writes_pngs(tiny_coco, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    js, imgs = tiny_coco
+    opts = ["MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32", "TEST.DETECTIONS_PER_IMAGE", "5",
+            "DATASETS.EMBEDDED_ROOT", str(tmp_path / "shapes"), "DATASETS.COCO_JSON", f"[['tiny_vis', '{js}', '{imgs}']]"]  # fmt: skip
+    model = build_model(tiny_cfg("quickstart/retinanet.yaml", *opts[:6]))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("untrained")
+    weights = str(tmp_path / "untrained.pth")
+    tool = load_tool("visualize")
+    common = ["--config-file", os.path.join(REPO, "configs/quickstart/retinanet.yaml"), "--weights", weights]
+    # a registered dataset, with the ground truth alongside; score 0 so boxes get drawn
+    files = tool.main(common + ["--input", "tiny_vis", "--num", "2", "--show-gt", "--score-thresh", "0",
+                                "--output", str(tmp_path / "ds"), "--opts", *opts])  # fmt: skip
+    assert [os.path.basename(f) for f in files] == ["img0.png", "img1.png"]
+    from PIL import Image
+
+    w, h = Image.open(files[0]).size
+    assert h == 512 and w == 2 * 512 + 8  # 64 px drawn at 8x, prediction | ground truth
+    # a folder and a single image
+    files = tool.main(common + ["--input", imgs, "--output", str(tmp_path / "dir"), "--opts", *opts])
+    assert len(files) == 4 and all(os.path.getsize(f) > 0 for f in files)
+    one = tool.main(common + ["--input", os.path.join(imgs, "img3.png"), "--output", str(tmp_path / "one"), "--opts", *opts])
+    assert len(one) == 1 and os.path.isfile(one[0])
+    with pytest.raises(SystemExit, match="neither an image"):
+        tool.main(common + ["--input", "no_such_dataset", "--output", str(tmp_path / "x"), "--opts", *opts])
+
+
+def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
+    tool = load_tool("ablation")
+    aps = {"retinanet": {1: 30.0, 2: 32.0, 3: 34.0}, "eapm_mu1.5": {1: 31.0, 2: 33.5, 3: 34.5}}
+    for v, by_seed in aps.items():
+        for s, ap in by_seed.items():
+            d = tmp_path / v / f"seed{s}"
+            d.mkdir(parents=True)
+            d.joinpath("config.yaml").write_text(_config_yaml(str(d), test=("eapm_shapes_val",)))
+            d.joinpath("log.txt").write_text(_log([("eapm_shapes_val", [ap, ap + 20, ap + 5, 1, 2, 3])]))
+            d.joinpath("ablation_run.json").write_text(json.dumps({"wall_s": 100.0 * s, "returncode": 0}))
+    seeds = [1, 2, 3, 4]  # seed 4 was never run
+    text = tool.write_report(str(tmp_path), ["retinanet", "eapm_mu1.5"], seeds, 300, [])
+    row = {}
+    for line in text.split("## Runs")[0].splitlines():  # the summary table
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in aps:
+            row[cells[0]] = cells
+    assert row["retinanet"][3:9] == ["3/4", "32.00 ± 2.00", "52.00 ± 2.00", "37.00 ± 2.00", "—", "200"]
+    # paired over seeds 1-3: differences 1.0, 1.5, 0.5
+    assert row["eapm_mu1.5"][2:9] == ["retinanet", "3/4", "33.00 ± 1.80", "53.00 ± 1.80", "38.00 ± 1.80", "+1.00 ± 0.50", "200"]
+    assert "on eapm_shapes_val" in text and "| retinanet | 4 | — |" in text
+    summary = json.loads((tmp_path / "ablation.json").read_text())
+    assert summary["variants"]["eapm_mu1.5"]["delta_AP"] == {"mean": 1.0, "std": 0.5, "n": 3}

@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""EAPM ablation on the embedded dataset (eapm_shapes): RetinaNet R18-FPN from scratch,
+several loss variants x several seeds, each trained and evaluated by ``train_net.py``
+in a subprocess, one after another. Resumable: a run whose folder already holds
+results is skipped, an interrupted one continues from its last checkpoint.
+
+    python tools/ablation.py --out output/ablation                 # 7 variants x seeds 1,2,3
+    python tools/ablation.py --out output/ablation --iters 500 --variants retinanet,eapm_mu1.5
+    python tools/ablation.py --out output/ablation --report-only   # rewrite ablation.md
+    python tools/ablation.py --list
+
+Variants (configs/quickstart/):
+
+    retinanet               retinanet.yaml: focal loss + smooth L1 (beta 0.1), detectron2's RetinaNet
+    eapm_mu1.0/1.5/2.0      retinanet.yaml + EAPM focal loss (mu): the classification change only
+    balanced_l1             eapm_retinanet.yaml with EAPM off: focal loss + balanced L1
+                            (alpha 0.5, gamma 1.5, beta 0.11): the regression *loss* change only
+    eapm_mu1.5_balanced_l1  eapm_retinanet.yaml without EAPM regression: EAPM focal (mu 1.5) +
+                            balanced L1 (the paper's Table 2 baseline, "Libra RetinaNet mu = 1.5")
+    eapm_mu1.5_theta1.0     eapm_retinanet.yaml: EAPM focal (mu 1.5) + EAPM balanced L1 (theta 1.0)
+
+EAPM regression modulates the balanced L1 loss, so it needs
+MODEL.RETINANET.BBOX_REG_LOSS_TYPE balanced_l1; comparing eapm_mu1.5_theta1.0 with
+retinanet would mix the loss change with EAPM. Each variant is therefore compared
+(paired over seeds) with the variant that differs from it in one thing only, its
+"reference" below. All variants share the architecture, data, schedule and, per seed,
+detectron2's SEED (weights init and data order).
+
+--iters N sets SOLVER.MAX_ITER N and scales SOLVER.STEPS and SOLVER.WARMUP_ITERS by
+N / MAX_ITER of the config; --opts KEY VALUE ... go to every run (after the variant's
+own keys). Results go to OUT/<variant>/seed<k>/ (detectron2's log.txt, metrics.json,
+...; ablation_run.json records the command, return code and wall time) and the
+summary to OUT/ablation.md and OUT/ablation.json. Use a fresh --out for other --iters
+/ --opts: a run folder with results is never retrained.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+sys.path.insert(0, TOOLS)
+from collect_results import read_results  # noqa: E402
+
+
+class Variant(NamedTuple):
+    config: str  # relative to the repository
+    opts: Tuple[str, ...]
+    description: str
+    reference: Optional[str]  # the variant it differs from in one thing
+
+
+_RN = "configs/quickstart/retinanet.yaml"
+_EAPM = "configs/quickstart/eapm_retinanet.yaml"
+
+
+def _mu(mu: str) -> Tuple[str, ...]:
+    return ("MODEL.EAPM.CLS.ENABLED", "True", "MODEL.EAPM.CLS.MU", mu)
+
+
+VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
+    [
+        ("retinanet", Variant(_RN, (), "focal + smooth L1 (baseline)", None)),
+        ("eapm_mu1.0", Variant(_RN, _mu("1.0"), "EAPM focal mu 1.0 + smooth L1", "retinanet")),
+        ("eapm_mu1.5", Variant(_RN, _mu("1.5"), "EAPM focal mu 1.5 + smooth L1", "retinanet")),
+        ("eapm_mu2.0", Variant(_RN, _mu("2.0"), "EAPM focal mu 2.0 + smooth L1", "retinanet")),
+        (
+            "balanced_l1",
+            Variant(
+                _EAPM,
+                ("MODEL.EAPM.CLS.ENABLED", "False", "MODEL.EAPM.REG.ENABLED", "False"),
+                "focal + balanced L1",
+                "retinanet",
+            ),
+        ),
+        (
+            "eapm_mu1.5_balanced_l1",
+            Variant(_EAPM, ("MODEL.EAPM.REG.ENABLED", "False"), "EAPM focal mu 1.5 + balanced L1", "balanced_l1"),
+        ),
+        (
+            "eapm_mu1.5_theta1.0",
+            Variant(_EAPM, (), "EAPM focal mu 1.5 + EAPM balanced L1 theta 1.0", "eapm_mu1.5_balanced_l1"),
+        ),
+    ]
+)
+SUMMARY_METRICS = ("AP", "AP50", "AP75")
+_RESERVED = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER")
+
+
+# ----------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------
+def parse_seeds(spec: str) -> List[int]:
+    """"3" -> [1, 2, 3]; "1,5,9" -> [1, 5, 9]."""
+    if "," in spec:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    n = int(spec)
+    if n < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n}")
+    return list(range(1, n + 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _base_schedule(config: str, opts: Tuple[str, ...]) -> Dict:
+    from detectron2.config import get_cfg
+
+    import eapm
+
+    cfg = get_cfg()
+    eapm.add_eapm_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    cfg.merge_from_list(list(opts))
+    s = cfg.SOLVER
+    return {"MAX_ITER": int(s.MAX_ITER), "STEPS": [int(x) for x in s.STEPS], "WARMUP_ITERS": int(s.WARMUP_ITERS)}
+
+
+def base_schedule(config: str, opts: Sequence[str]) -> Dict:
+    """MAX_ITER / STEPS / WARMUP_ITERS of a config with the given overrides."""
+    return dict(_base_schedule(config, tuple(opts)))
+
+
+def schedule_opts(base: Dict, iters: Optional[int]) -> List[str]:
+    """SOLVER overrides for ``iters`` iterations, the config's schedule scaled by
+    iters / MAX_ITER (steps kept strictly increasing and below iters)."""
+    if iters is None:
+        return []
+    if iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {iters}")
+    scale = iters / base["MAX_ITER"]
+    steps = sorted({int(round(s * scale)) for s in base["STEPS"]})
+    steps = [s for s in steps if 0 < s < iters]
+    warmup = max(1, int(round(base["WARMUP_ITERS"] * scale))) if base["WARMUP_ITERS"] > 0 else 0
+    return [
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", "(" + "".join(f"{s}," for s in steps) + ")",
+        "SOLVER.WARMUP_ITERS", str(min(warmup, iters)),
+    ]  # fmt: skip
+
+
+def run_command(variant: str, seed: int, out_dir: str, iters: Optional[int], opts: Sequence[str]) -> List[str]:
+    v = VARIANTS[variant]
+    sched = schedule_opts(base_schedule(v.config, list(v.opts) + list(opts)), iters)
+    return [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        os.path.join(REPO, v.config),
+        *v.opts,
+        *opts,
+        *sched,
+        "SEED", str(seed),
+        "OUTPUT_DIR", os.path.abspath(out_dir),
+    ]  # fmt: skip
+
+
+def _load_record(run_dir: str) -> Optional[Dict]:
+    path = os.path.join(run_dir, "ablation_run.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _save_record(run_dir: str, record: Dict) -> None:
+    tmp = os.path.join(run_dir, "ablation_run.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "ablation_run.json"))
+
+
+def execute(variant: str, seed: int, out: str, iters, opts, dry_run=False, timeout=None) -> Dict:
+    """Train + evaluate one run unless its folder already has results."""
+    run_dir = os.path.join(out, variant, f"seed{seed}")
+    cmd = run_command(variant, seed, run_dir, iters, opts)
+    record = _load_record(run_dir)
+    if read_results(run_dir).ok:
+        if record and record.get("command") != cmd:
+            print(f"[ablation] warning: {run_dir} has results from another command; kept (use a fresh --out)")
+        print(f"[ablation] {variant} seed {seed}: results exist, skipped")
+        return record or {"variant": variant, "seed": seed, "command": None, "wall_s": None, "returncode": 0}
+    # continue an interrupted run of the very same command from its last checkpoint
+    resume = bool(record and record.get("command") == cmd and os.path.isfile(os.path.join(run_dir, "last_checkpoint")))
+    full = cmd[:2] + ["--resume"] + cmd[2:] if resume else cmd
+    print(f"[ablation] {variant} seed {seed}: {' '.join(full)}", flush=True)
+    if dry_run:
+        return {"variant": variant, "seed": seed, "command": cmd, "wall_s": None, "returncode": None}
+    os.makedirs(run_dir, exist_ok=True)
+    prev_wall = 0.0  # an interrupted run's record has no wall time: only the resumed part counts
+    record = {"variant": variant, "seed": seed, "command": cmd, "status": "running", "wall_s": None, "returncode": None}
+    _save_record(run_dir, record)
+    start = time.perf_counter()
+    with open(os.path.join(run_dir, "train_net.out"), "a") as log:
+        try:
+            rc = subprocess.run(full, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = -9
+    wall = time.perf_counter() - start + prev_wall
+    ok = rc == 0 and read_results(run_dir).ok
+    record.update(status="done" if ok else "failed", wall_s=round(wall, 1), returncode=rc, resumed=resume)
+    _save_record(run_dir, record)
+    print(f"[ablation] {variant} seed {seed}: {'done' if ok else f'FAILED (exit {rc})'} in {wall:.0f} s", flush=True)
+    return record
+
+
+# ----------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    if any(math.isnan(v) for v in values):
+        return math.nan, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _ms(mean, std, decimals=2) -> str:
+    if mean is None:
+        return "—"
+    if math.isnan(mean):
+        return "nan"
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+
+
+def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
+    """Per run and per variant numbers from the run folders."""
+    runs = []
+    for v in variants:
+        for s in seeds:
+            run_dir = os.path.join(out, v, f"seed{s}")
+            res = read_results(run_dir)
+            rec = _load_record(run_dir) or {}
+            runs.append(
+                {
+                    "variant": v,
+                    "seed": s,
+                    "dir": os.path.relpath(run_dir, out),
+                    "dataset": res.dataset,
+                    "metrics": res.metrics if res.ok else None,
+                    "wall_s": rec.get("wall_s"),
+                    "status": "done" if res.ok else rec.get("status", "missing"),
+                }
+            )
+    by_variant = OrderedDict()
+    for v in variants:
+        rows = [r for r in runs if r["variant"] == v and r["metrics"]]
+        entry = {"n": len(rows), "seeds": [r["seed"] for r in rows]}
+        for m in SUMMARY_METRICS + ("APs", "APm", "APl"):
+            mean, std = _mean_std([r["metrics"][m] for r in rows if m in r["metrics"]])
+            entry[m] = {"mean": mean, "std": std}
+        walls = [r["wall_s"] for r in runs if r["variant"] == v and r["wall_s"] is not None]
+        entry["wall_s_mean"] = statistics.fmean(walls) if walls else None
+        ref = VARIANTS[v].reference
+        entry["reference"] = ref
+        if ref in variants:
+            # paired over the seeds both variants have
+            mine = {r["seed"]: r["metrics"]["AP"] for r in rows}
+            theirs = {r["seed"]: r["metrics"]["AP"] for r in runs if r["variant"] == ref and r["metrics"]}
+            diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
+            mean, std = _mean_std(diffs)
+            entry["delta_AP"] = {"mean": mean, "std": std, "n": len(diffs)}
+        by_variant[v] = entry
+    return {"runs": runs, "variants": by_variant}
+
+
+def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters, opts) -> str:
+    summary = summarize(out, variants, seeds)
+    datasets = sorted({r["dataset"] for r in summary["runs"] if r["dataset"]}) or ["the configs' DATASETS.TEST"]
+    lines = [
+        "# EAPM ablation on the embedded dataset (eapm_shapes)",
+        "",
+        f"Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by `tools/ablation.py`;"
+        f" seeds {', '.join(map(str, seeds))};"
+        f" iterations {iters if iters is not None else 'as in the configs'};"
+        f" extra options: `{' '.join(opts) if opts else 'none'}`.",
+        "",
+        f"Box AP (percent) on {', '.join(datasets)}: mean ± sample std over seeds. ΔAP: paired difference"
+        " to the reference variant (same seeds), mean ± std. Wall: mean seconds per run (train + eval).",
+        "",
+        "| variant | what | reference | runs | AP | AP50 | AP75 | ΔAP vs reference | wall (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, e in summary["variants"].items():
+        d = e.get("delta_AP")
+        delta = _ms(d["mean"], d["std"]) if d and d["n"] else "—"
+        if delta not in ("—", "nan") and not delta.startswith("-"):
+            delta = "+" + delta
+        wall = f"{e['wall_s_mean']:.0f}" if e["wall_s_mean"] is not None else "—"
+        lines.append(
+            f"| {v} | {VARIANTS[v].description} | {e['reference'] or '—'} | {e['n']}/{len(seeds)} | "
+            + " | ".join(_ms(e[m]["mean"], e[m]["std"]) for m in SUMMARY_METRICS)
+            + f" | {delta} | {wall} |"
+        )
+    lines += ["", "## Runs", "", "| variant | seed | AP | AP50 | AP75 | APs | APm | APl | wall (s) | status |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in summary["runs"]:
+        m = r["metrics"] or {}
+        vals = " | ".join(_ms(m.get(k), None) if k in m else "—" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
+        lines.append(f"| {r['variant']} | {r['seed']} | {vals} | {wall} | {r['status']} |")
+    lines += ["", "## Variants", ""]
+    for v in variants:
+        var = VARIANTS[v]
+        lines.append(f"- `{v}`: `{var.config}` {' '.join(var.opts) or '(as is)'}")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "ablation.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(out, "ablation.json"), "w") as fh:
+        json.dump({"seeds": list(seeds), "iters": iters, "opts": list(opts), **summary}, fh, indent=1)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join("output", "ablation"), help="output folder (default output/ablation)")
+    ap.add_argument("--seeds", default="3", help="N (seeds 1..N, default 3) or a list such as 1,2,3")
+    ap.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (schedule scaled); default: the configs'")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (default: all; see --list)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="only (re)write ablation.md from the run folders")
+    ap.add_argument("--list", action="store_true", help="list the variants and exit")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE ... passed to every run (last)")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for name, v in VARIANTS.items():
+            print(f"{name:24s} {v.description}  [{v.config} {' '.join(v.opts)}]  reference: {v.reference or '-'}")
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if len(args.opts) % 2:
+        ap.error("--opts takes KEY VALUE pairs")
+    bad = [k for k in args.opts[::2] if k in _RESERVED]
+    if bad:
+        ap.error(f"--opts must not set {bad}: use --seeds / --out / --iters")
+    seeds = parse_seeds(args.seeds)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+
+    failed = []
+    if not args.report_only:
+        for v in variants:
+            for s in seeds:
+                rec = execute(v, s, out, args.iters, args.opts, args.dry_run, args.timeout)
+                if rec.get("returncode") not in (0, None):
+                    failed.append(f"{v} seed {s}")
+    if args.dry_run:
+        return 0
+    text = write_report(out, variants, seeds, args.iters, args.opts)
+    print(text, end="")
+    print(f"[ablation] wrote {os.path.join(out, 'ablation.md')}")
+    if failed:
+        print(f"[ablation] failed runs: {', '.join(failed)} (see <run>/train_net.out)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
