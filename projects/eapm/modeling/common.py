@@ -75,6 +75,6 @@ def box_reg_balanced_l1(pred_deltas, gt_deltas, theta, balanced_l1, histogram_pe
             storage.put_scalar(f"{prefix}_gos", float(gos.mean()))
             storage.put_scalar(f"{prefix}_mf", float(mf.mean()))
             if histogram_period > 0 and storage.iter % histogram_period == 0:
-                storage.put_histogram(f"{prefix}_gos", gos)
-                storage.put_histogram(f"{prefix}_mf", mf)
+                storage.put_histogram(f"{prefix}_gos", gos.flatten())
+                storage.put_histogram(f"{prefix}_mf", mf.flatten())
     return eapm_balanced_l1_loss(pred_deltas, gt_deltas, theta, alpha, gamma, beta, reduction="sum")
