@@ -26,16 +26,34 @@ from eapm.engine import EAPMTrainer
 logger = logging.getLogger("eapm")
 
 
-def setup(args):
+def load_config(args):
+    """The merged and validated (not yet frozen) config of the command line. Cheap (no
+    data, model or process group), so a bad value fails in seconds with an error naming
+    the key; ``__main__`` calls it before ``launch`` spawns any process."""
     cfg = get_cfg()
     eapm.add_eapm_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
         cfg.MODEL.DEVICE = "cpu"
-    eapm.validate_eapm_config(cfg)  # fail in seconds, before any data or model work
     for name, json_file, image_root in args.register_coco or []:
         cfg.DATASETS.COCO_JSON.append([name, json_file, image_root])
+    if args.eval_only:
+        eapm.validate_eapm_config(cfg)
+        return cfg
+    eapm.validate_train_config(cfg)  # + the architecture uses what is switched on, AMP needs CUDA
+    world = args.num_gpus * args.num_machines
+    if cfg.SOLVER.REFERENCE_WORLD_SIZE == 0 and cfg.SOLVER.IMS_PER_BATCH % world != 0:
+        # detectron2 asserts this only after the model and the dataset are loaded
+        raise ValueError(
+            f"Invalid config SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}: it is the total batch of all "
+            f"processes and must be divisible by their number ({world} = --num-gpus x --num-machines)"
+        )
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)  # fail in seconds, before any data or model work
     cfg.freeze()
     default_setup(cfg, args)
     register_from_config(cfg)
@@ -68,6 +86,7 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
+    load_config(args)  # validate here too: a bad config fails before any process is spawned
     launch(
         main,
         args.num_gpus,

@@ -10,7 +10,7 @@ import math
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_eapm_config", "validate_eapm_config"]
+__all__ = ["add_eapm_config", "validate_eapm_config", "validate_train_config"]
 
 # regression losses the dense heads accept; the first four are detectron2's own
 DENSE_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
@@ -177,6 +177,14 @@ def _get(cfg: CN, key: str):
 def validate_eapm_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key for any out-of-range EAPM-project value."""
     _finite_nonneg(cfg, "MODEL.EAPM.CLS.MU")
+    mu = cfg.MODEL.EAPM.CLS.MU
+    _require(
+        mu <= 50,
+        "MODEL.EAPM.CLS.MU",
+        "must be <= 50 (the paper uses 1 to 2; MF_cls saturates long before, and from about 89 on the EAPM "
+        "focal loss overflows float32)",
+        mu,
+    )
     _finite_nonneg(cfg, "MODEL.EAPM.REG.THETA")
     _finite_nonneg(cfg, "MODEL.EAPM.HISTOGRAM_PERIOD")
     for k in ("ALPHA", "GAMMA", "BETA"):
@@ -271,3 +279,55 @@ def validate_eapm_config(cfg: CN) -> None:
             "each entry must be [name, json_file, image_root]",
             entry,
         )
+
+
+# detectron2's own meta-architectures and ROI heads: they never read MODEL.EAPM.* or
+# MODEL.BALANCED_L1.* (an EAPM switch there would be silently ignored)
+_D2_ARCHS = ("RetinaNet", "GeneralizedRCNN", "ProposalNetwork", "PanopticFPN", "SemanticSegmentor")
+_D2_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "CascadeROIHeads")
+
+
+def validate_train_config(cfg: CN) -> None:
+    """``validate_eapm_config`` plus the checks that concern a whole training job; raise
+    ``ValueError`` naming the key. Called by ``train_net.py`` before any process is
+    spawned and by ``EAPMTrainer`` before anything is built:
+
+    * the chosen meta-architecture / ROI heads must actually use the EAPM and balanced-L1
+      settings that are switched on (detectron2's ``RetinaNet`` would silently train the
+      plain focal loss; its ROI heads would fail at the first iteration on "balanced_l1");
+    * SOLVER.AMP.ENABLED needs CUDA: detectron2's AMPTrainer fails at the first iteration
+      on a CPU model.
+    """
+    validate_eapm_config(cfg)
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch in _D2_ARCHS:
+        _require(
+            not cfg.MODEL.EAPM.CLS.ENABLED,
+            "MODEL.META_ARCHITECTURE",
+            "MODEL.EAPM.CLS.ENABLED is True, but detectron2's meta-architectures ignore it (EAPM focal loss "
+            "is in 'EAPMRetinaNet' and 'EAPMFCOS')",
+            arch,
+        )
+    reg = cfg.MODEL.EAPM.REG.ENABLED
+    if arch in ("RetinaNet", "ProposalNetwork", "SemanticSegmentor"):
+        _require(
+            not reg and not (arch == "RetinaNet" and cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE == "balanced_l1"),
+            "MODEL.META_ARCHITECTURE",
+            f"detectron2's {arch} has no 'balanced_l1' / EAPM box loss (MODEL.EAPM.REG.ENABLED would be ignored); "
+            "use 'EAPMRetinaNet'",
+            arch,
+        )
+    if arch in ("GeneralizedRCNN", "PanopticFPN") and cfg.MODEL.ROI_HEADS.NAME in _D2_ROI_HEADS:
+        _require(
+            not reg and cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE != "balanced_l1",
+            "MODEL.ROI_HEADS.NAME",
+            "detectron2's ROI heads have no 'balanced_l1' / EAPM box loss; use 'LibraROIHeads'",
+            cfg.MODEL.ROI_HEADS.NAME,
+        )
+    _require(
+        not (cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"),
+        "SOLVER.AMP.ENABLED",
+        "mixed-precision training (detectron2's AMPTrainer) needs CUDA, and MODEL.DEVICE is 'cpu' (set when no "
+        "GPU is available)",
+        cfg.SOLVER.AMP.ENABLED,
+    )

@@ -12,6 +12,7 @@ from detectron2.engine import defaults as _d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from .config import validate_train_config
 from .data import register_from_config
 
 __all__ = ["EAPMTrainer", "cpu_ddp"]
@@ -44,6 +45,7 @@ class EAPMTrainer(DefaultTrainer):
     """DefaultTrainer + COCO evaluation + this project's datasets."""
 
     def __init__(self, cfg):
+        validate_train_config(cfg)  # before any data or model work
         register_from_config(cfg)
         with cpu_ddp(cfg.MODEL.DEVICE == "cpu"):
             super().__init__(cfg)

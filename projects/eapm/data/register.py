@@ -59,9 +59,27 @@ def _load_checked(name: str, json_file: str, image_root: str):
     from .validate import validate_dataset_dicts
 
     _check_coco_json(name, json_file, image_root)
-    dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+    try:
+        dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+    except KeyError as e:  # detectron2: "Encountered category_id=7 but this id does not exist ..."
+        raise ValueError(_unknown_category_message(name, json_file) or f"Dataset '{name}' ({json_file}): {e}") from e
     validate_dataset_dicts(dicts, name, json_file)
     return dicts
+
+
+def _unknown_category_message(name: str, json_file: str) -> str | None:
+    """Which annotation (and image) has a category id missing from 'categories'."""
+    with open(json_file) as f:
+        coco = json.load(f)
+    known = {c["id"] for c in coco.get("categories", [])}
+    files = {im.get("id"): im.get("file_name") for im in coco.get("images", [])}
+    for ann in coco.get("annotations", []):
+        if ann.get("category_id") not in known:
+            return (
+                f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of image {files.get(ann.get('image_id'))} "
+                f"has category_id {ann.get('category_id')}, which is not among the file's 'categories' (ids {sorted(known)})"
+            )
+    return None
 
 
 def register_coco_json(name: str, json_file: str, image_root: str) -> None:
@@ -73,9 +91,14 @@ def register_coco_json(name: str, json_file: str, image_root: str) -> None:
         if meta.get("json_file", None) == json_file and meta.get("image_root", None) == image_root:
             return
         raise ValueError(f"Dataset '{name}' is already registered with other files; choose another name")
+    try:
+        with open(json_file) as f:
+            cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Dataset '{name}': {json_file} is not valid JSON ({e})") from e
+    if not cats:
+        raise ValueError(f"Dataset '{name}' ({json_file}): the file has no 'categories'")
     DatasetCatalog.register(name, functools.partial(_load_checked, name, json_file, image_root))
-    with open(json_file) as f:
-        cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=[c["name"] for c in cats]
     )
