@@ -353,3 +353,18 @@ def test_eapm_focal_terms_attributes():
     torch.testing.assert_close(dif, difficulty(x, t))
     torch.testing.assert_close(mf, modulating_factor(dif, 1.5))
     torch.testing.assert_close(loss, eapm_sigmoid_focal_loss(x, t, 1.5))
+
+
+@pytest.mark.parametrize("mu", [60.0, 100.0, 1000.0, 1e6])
+def test_large_mu_no_overflow(mu):
+    """MF saturates at 2 - tanh(mu Dif); no cosh/sinh of mu is ever formed."""
+    x = torch.linspace(-100, 100, 401).requires_grad_()
+    t = (torch.arange(401) % 2).float()
+    loss = eapm_sigmoid_focal_loss(x, t, mu)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    x64 = torch.tensor([-3.0, -0.5, 0.2, 4.0], dtype=torch.float64)
+    t64 = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    got = eapm_sigmoid_focal_loss(x64, t64, mu)
+    for i in range(4):
+        assert _rel(got[i], ref_eapm_focal(float(x64[i]), int(t64[i]), mu)[0]) < 1e-6

@@ -48,7 +48,6 @@ BAD_OPTS = [
     (["MODEL.EAPM.CLS.MU", "-1.0"], "MODEL.EAPM.CLS.MU"),
     (["MODEL.EAPM.CLS.MU", "1e999"], "MODEL.EAPM.CLS.MU"),  # inf
     (["MODEL.EAPM.CLS.MU", "nan"], "MODEL.EAPM.CLS.MU"),  # yacs: a string for a float key
-    (["MODEL.EAPM.CLS.MU", "100.0"], "MODEL.EAPM.CLS.MU"),  # would give inf / NaN losses in float32
     (["MODEL.EAPM.REG.THETA", "-0.5"], "MODEL.EAPM.REG.THETA"),
     (["MODEL.EAPM.REG.THETA", "1e999"], "MODEL.EAPM.REG.THETA"),
     (["MODEL.EAPM.HISTOGRAM_PERIOD", "-1"], "MODEL.EAPM.HISTOGRAM_PERIOD"),

@@ -177,14 +177,6 @@ def _get(cfg: CN, key: str):
 def validate_eapm_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key for any out-of-range EAPM-project value."""
     _finite_nonneg(cfg, "MODEL.EAPM.CLS.MU")
-    mu = cfg.MODEL.EAPM.CLS.MU
-    _require(
-        mu <= 50,
-        "MODEL.EAPM.CLS.MU",
-        "must be <= 50 (the paper uses 1 to 2; MF_cls saturates long before, and from about 89 on the EAPM "
-        "focal loss overflows float32)",
-        mu,
-    )
     _finite_nonneg(cfg, "MODEL.EAPM.REG.THETA")
     _finite_nonneg(cfg, "MODEL.EAPM.HISTOGRAM_PERIOD")
     for k in ("ALPHA", "GAMMA", "BETA"):

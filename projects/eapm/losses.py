@@ -110,10 +110,15 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _sinhc(z: Tensor) -> Tensor:
-    """sinh(z) / z for z >= 0 (= 1 at z = 0); torch's sinh is accurate for tiny z."""
-    zc = z.clamp_min(1e-30)
-    return torch.sinh(zc) / zc
+def _expm1c(z: Tensor) -> Tensor:
+    """(1 - exp(-z)) / z for z >= 0 (= 1 at z = 0), accurate for tiny z.
+
+    Written as exp(-z/2) sinh(z/2) / (z/2) below z = 2: torch.compile's vectorised CPU
+    expm1 (torch 2.3) loses all precision for tiny arguments, its sinh does not."""
+    w = 0.5 * z
+    ws = w.clamp(1e-30, 1.0)
+    wl = w.clamp_min(1.0)
+    return torch.where(w < 1.0, torch.exp(-ws) * torch.sinh(ws) / ws, -torch.expm1(-2.0 * wl) / (2.0 * wl))
 
 
 class _ClosedForm(torch.autograd.Function):
@@ -194,8 +199,11 @@ def _focal_terms(
     log_u = torch.nn.functional.logsigmoid(-s)  # log(1 - e), exact for large |s|
     if mu > 0:
         u = torch.exp(log_u)  # 1 - e without cancellation
-        # r/u with r = tanh(mu) - tanh(mu e) = MF - 1
-        r_over_u = mu * _sinhc(mu * u) / (math.cosh(mu) * torch.cosh(mu * e))
+        # r/u with r = tanh(mu) - tanh(mu e) = MF - 1 = sinh(mu u) / (cosh(mu) cosh(mu e)),
+        # written with exponentials of non-positive arguments only (no overflow for any mu):
+        # r/u = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e)))
+        q = torch.exp(-2.0 * mu * e)
+        r_over_u = (4.0 * mu / (1.0 + math.exp(-2.0 * mu))) * q * _expm1c(2.0 * mu * u) / (1.0 + q)
         mf = 1.0 + u * r_over_u
         e_mod = (e * mf).clamp(max=1.0)
         log_1m = log_u + torch.log1p(-(e * r_over_u).clamp(max=1.0))
