@@ -122,6 +122,8 @@ def bench_step(repeats: int) -> None:
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from eapm import losses
+
     cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.EAPM.COMPILE", False)
     cfg.MODEL.RETINANET.NUM_CONVS = 2
     cfg.MODEL.FPN.OUT_CHANNELS = 64
@@ -133,25 +135,33 @@ def bench_step(repeats: int) -> None:
     theirs.load_state_dict(ours.state_dict())
     batch = make_batch(8, size=128, num_boxes=(4, 2, 0, 6))
 
-    def step(model):
+    def step(model, compiled=False):
         def f():
+            losses.set_compile(compiled)
             with EventStorage(0):
                 sum(model(batch).values()).backward()
             model.zero_grad(set_to_none=True)
 
         return f
 
-    med = interleaved({"d2 RetinaNet step": step(theirs), "EAPMRetinaNet step (EAPM on)": step(ours)}, repeats)
+    step(ours, True)()  # compile the loss kernels once
+    med = interleaved(
+        {
+            "d2 RetinaNet step": step(theirs),
+            "EAPMRetinaNet step (EAPM on, eager)": step(ours),
+            "EAPMRetinaNet step (EAPM on, compiled)": step(ours, True),
+        },
+        repeats,
+    )
+    losses.set_compile(False)
     report("(c) training step fwd+bwd, R-18 FPN, 8 x 128x128 images", med, "d2 RetinaNet step")
 
 
-def bench_libra(which: str) -> None:
-    script = os.path.join(REPO, "tools", "bench_libra.py")
-    if not os.path.isfile(script):
-        print(f"\n({which}) skipped: tools/bench_libra.py (the Libra issue) is not there")
-        return
-    print(f"\n## ({which}) via tools/bench_libra.py --only {which}")
-    subprocess.run([sys.executable, script, "--only", which], check=True)
+def bench_libra() -> None:
+    """(d) and (e) are measured by tools/bench_libra.py (fresh subprocesses for memory)."""
+    print("\n## (d) sampler and (e) BFP memory: tools/bench_libra.py")
+    sys.stdout.flush()
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_libra.py")], check=True)
 
 
 def main(argv=None) -> None:
@@ -167,9 +177,8 @@ def main(argv=None) -> None:
         bench_bl1(args.repeats)
     if "c" in args.only:
         bench_step(args.repeats)
-    for which in ("d", "e"):
-        if which in args.only:
-            bench_libra(which)
+    if "d" in args.only or "e" in args.only:
+        bench_libra()
 
 
 if __name__ == "__main__":
