@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -380,16 +380,15 @@ def eapm_balanced_l1_loss(
 
 
 @_kernel
-def _bl1_kernel(t: Tensor, g: Tensor, theta: float, alpha: float, gamma: float, beta: float, modulate: bool, reduce: bool):
-    """(loss or its sum, d loss / d t) of (EAPM) balanced L1 in one pass."""
+def _bl1_kernel(t: Tensor, g: Tensor, wh: Optional[Tensor], theta: float, alpha: float, gamma: float, beta: float, reduce: bool):
+    """(loss or its sum, d loss / d t) of (EAPM) balanced L1 in one pass. ``wh`` is 1 on
+    the modulated (dw, dh) entries and 0 elsewhere, a full tensor of the inputs' shape so
+    that the compiled kernel is one flat, vectorisable loop (GoS is defined for w, h)."""
     err = t - g
-    if modulate and theta > 0:
-        # MF on the dw, dh columns only (GoS is defined for w and h)
-        wh = torch.arange(t.shape[-1], device=t.device) >= 2
-        mf = torch.where(wh, 1.0 + math.tanh(theta) - torch.tanh(theta * gap_over_sum(t, g)), torch.ones_like(err))
-        err = mf * err
+    if wh is not None:
+        err = (1.0 + wh * (math.tanh(theta) - torch.tanh(theta * gap_over_sum(t, g)))) * err
     loss, grad = _balanced_l1_terms(err.abs(), alpha, gamma, beta)
-    grad = torch.sign(err) * grad
+    grad = torch.sign(err) * grad  # 0 at err == 0, as autograd through |err|
     return (loss.sum() if reduce else loss), grad
 
 
@@ -402,7 +401,11 @@ def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate):
     t = _to_float(input).detach()
     g = target.to(t.dtype)
     reduce = reduction != "none"
-    loss, grad = _run_kernel("_bl1_kernel", t, g, theta, float(alpha), float(gamma), float(beta), modulate, reduce)
+    wh = None
+    if modulate and theta > 0:
+        wh = torch.zeros_like(t)
+        wh[..., 2:] = 1.0
+    loss, grad = _run_kernel("_bl1_kernel", t, g, wh, theta, float(alpha), float(gamma), float(beta), reduce)
     loss = _attach(input, loss, grad)
     if reduction == "mean" and input.numel() > 0:
         loss = loss / input.numel()
