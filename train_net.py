@@ -49,6 +49,17 @@ def load_config(args):
             f"Invalid config SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}: it is the total batch of all "
             f"processes and must be divisible by their number ({world} = --num-gpus x --num-machines)"
         )
+    per_process = cfg.SOLVER.IMS_PER_BATCH // world
+    head_norm = {"EAPMRetinaNet": cfg.MODEL.RETINANET.NORM, "EAPMFCOS": cfg.MODEL.FCOS.HEAD_NORM}.get(
+        cfg.MODEL.META_ARCHITECTURE, ""
+    )
+    if head_norm == "BN" and per_process < 2 and cfg.SOLVER.REFERENCE_WORLD_SIZE == 0:
+        # BatchNorm on the 1x1 top level of one image fails deep inside torch at iteration 0
+        raise ValueError(
+            f"Invalid config SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}: the head's BatchNorm needs at "
+            f"least 2 images per process, got {per_process} ({world} processes); use more images, or "
+            "GN / SyncBN in the head"
+        )
     return cfg
 
 

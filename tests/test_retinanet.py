@@ -80,7 +80,7 @@ def test_training_step_finite_with_grads_in_head_and_backbone():
 
 def test_histograms_logged_every_period():
     model = build_model(tiny_cfg(EAPM_RETINA, "MODEL.EAPM.HISTOGRAM_PERIOD", 2))
-    batch = make_batch(1, num_boxes=(3,))
+    batch = make_batch(2, num_boxes=(3,))
     for it, expected in ((0, True), (1, False)):
         with EventStorage(it) as storage:
             model(batch)

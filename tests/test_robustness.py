@@ -90,6 +90,17 @@ def test_total_batch_not_divisible_by_processes(train_net):
     train_net.load_config(args)
 
 
+def test_batchnorm_head_needs_two_images_per_process(train_net):
+    """The quickstart head uses BN: one image per process would fail inside torch on the
+    1x1 top level at iteration 0; it is rejected up front instead."""
+    args = train_net.build_parser().parse_args(
+        ["--num-gpus", "4", "--config-file", QUICKSTART, "SOLVER.IMS_PER_BATCH", "4"])
+    with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH = 4: the head's BatchNorm needs at least 2 images"):
+        train_net.load_config(args)
+    args.opts += ["MODEL.RETINANET.NORM", "GN"]
+    train_net.load_config(args)
+
+
 @pytest.mark.parametrize("yaml_value,key", [(".nan", "MODEL.EAPM.REG.THETA"), (".inf", "MODEL.BALANCED_L1.BETA")])
 def test_non_finite_values_from_yaml_rejected(train_net, tmp_path, yaml_value, key):
     """YAML can spell nan / inf as floats (yacs' type check lets them through)."""

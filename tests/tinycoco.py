@@ -74,6 +74,8 @@ def tiny_opts(out_dir: str, max_iter: int, embedded_root: str, **extra) -> List[
         "DATASETS.EMBEDDED_ROOT": embedded_root,
         "MODEL.RETINANET.NUM_CLASSES": "2",
         "MODEL.RETINANET.NUM_CONVS": "1",
+        # one image per process in the multi-process tests: no BatchNorm in the head
+        "MODEL.RETINANET.NORM": "",
         "MODEL.FPN.OUT_CHANNELS": "32",
         "INPUT.MIN_SIZE_TRAIN": "(64,)",
         "INPUT.MAX_SIZE_TRAIN": "64",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from detectron2.utils import comm
+from fvcore.nn import sigmoid_focal_loss_jit
 from detectron2.utils.events import get_event_storage
 
 from ..losses import (
@@ -13,7 +14,7 @@ from ..losses import (
     modulating_factor,
 )
 
-__all__ = ["dense_loss_normalizer", "eapm_focal_loss_sum", "box_reg_balanced_l1"]
+__all__ = ["dense_loss_normalizer", "dense_focal_loss_sum", "eapm_focal_loss_sum", "box_reg_balanced_l1"]
 
 
 def dense_loss_normalizer(model, num_pos: int, mode: str, name: str = "loss_normalizer", initial: float = 100.0) -> float:
@@ -32,6 +33,15 @@ def dense_loss_normalizer(model, num_pos: int, mode: str, name: str = "loss_norm
             num_pos = t.item() / comm.get_world_size()
         return max(float(num_pos), 1.0)
     raise ValueError(f"Unknown MODEL.LOSS_NORMALIZER.TYPE {mode!r}")
+
+
+def dense_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period: int = 0):
+    """The summed classification loss of a dense head: detectron2's own (fvcore's
+    ``sigmoid_focal_loss_jit``, exactly as RetinaNet / FCOS call it) when ``mu`` is None,
+    else EAPM focal loss with diagnostics (``eapm_focal_loss_sum``)."""
+    if mu is None:
+        return sigmoid_focal_loss_jit(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="sum")
+    return eapm_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period)
 
 
 def eapm_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period: int = 0, prefix: str = "eapm/cls"):

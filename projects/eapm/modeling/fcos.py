@@ -23,9 +23,8 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import sigmoid_focal_loss_jit
 
-from .common import dense_loss_normalizer, eapm_focal_loss_sum
+from .common import dense_focal_loss_sum, dense_loss_normalizer
 from .retinanet import eapm_loss_kwargs
 
 __all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone"]
@@ -132,18 +131,9 @@ class EAPMFCOS(FCOS):
         # classification over every location; one-hot targets without the background column
         targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[:, :, :-1]
         logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
-        if self.eapm_cls_mu is None:
-            loss_cls = sigmoid_focal_loss_jit(
-                logits,
-                targets.to(pred_logits[0].dtype),
-                alpha=self.focal_loss_alpha,
-                gamma=self.focal_loss_gamma,
-                reduction="sum",
-            )
-        else:
-            loss_cls = eapm_focal_loss_sum(
-                logits, targets, self.eapm_cls_mu, self.focal_loss_alpha, self.focal_loss_gamma, self.histogram_period
-            )
+        loss_cls = dense_focal_loss_sum(
+            logits, targets, self.eapm_cls_mu, self.focal_loss_alpha, self.focal_loss_gamma, self.histogram_period
+        )
 
         loss_loc = _dense_box_regression_loss(
             anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, pos_mask, box_reg_loss_type=self.box_loss_type

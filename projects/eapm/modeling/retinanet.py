@@ -14,11 +14,10 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import sigmoid_focal_loss_jit
 
 from ..config import validate_eapm_config
 from ..losses import set_compile
-from .common import box_reg_balanced_l1, dense_loss_normalizer, eapm_focal_loss_sum
+from .common import box_reg_balanced_l1, dense_focal_loss_sum, dense_loss_normalizer
 
 __all__ = ["EAPMRetinaNet", "eapm_loss_kwargs"]
 
@@ -95,23 +94,9 @@ class EAPMRetinaNet(RetinaNet):
         # classification: one-hot targets without the background column
         gt_labels_target = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
         logits = cat(pred_logits, dim=1)[valid_mask]
-        if self.eapm_cls_mu is None:
-            loss_cls = sigmoid_focal_loss_jit(
-                logits,
-                gt_labels_target.to(pred_logits[0].dtype),
-                alpha=self.focal_loss_alpha,
-                gamma=self.focal_loss_gamma,
-                reduction="sum",
-            )
-        else:
-            loss_cls = eapm_focal_loss_sum(
-                logits,
-                gt_labels_target,
-                self.eapm_cls_mu,
-                self.focal_loss_alpha,
-                self.focal_loss_gamma,
-                self.histogram_period,
-            )
+        loss_cls = dense_focal_loss_sum(
+            logits, gt_labels_target, self.eapm_cls_mu, self.focal_loss_alpha, self.focal_loss_gamma, self.histogram_period
+        )
 
         if self.box_reg_loss_type == "balanced_l1":
             loss_box_reg = self._balanced_l1_box_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
