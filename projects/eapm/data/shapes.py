@@ -4,7 +4,8 @@ It is designed to exercise what EAPM targets:
 
 * strongly varying aspect ratios: thin horizontal / vertical bars (1:3 to 1:10),
   ellipses (1:1 to 1:3), triangles, rings;
-* strongly varying scales: objects from 5 to ~70 px on a 128 px image;
+* strongly varying scales: long sides from 8 to ~110 px (short sides down to 3 px) on a
+  128 px image;
 * easy and hard examples: most objects are high contrast, ~25% are low contrast
   (blended into the background) or partly occluded; the background carries clutter
   (faint lines and blobs) that looks like the objects' parts;
