@@ -115,7 +115,8 @@ def _normaliser_worker(out_dir):
 
     # in the model: a different number of boxes (so of positive anchors) per process
     torch.manual_seed(0)
-    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce")
+    # one image per process: no BatchNorm in the head (the 1x1 top level would have 1 value)
+    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce", "MODEL.RETINANET.NORM", "")
     model = build_model(cfg)
     batch = make_batch(num_images=1, num_boxes=(1 + 4 * rank,), seed=10 + rank)
     with EventStorage(0) as s:
