@@ -16,6 +16,10 @@ find_python() {
     v=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.10\.[0-9]+$' | sort -V | tail -n1 || true)
     if [ -n "$v" ]; then PYENV_VERSION=$v pyenv which python; return; fi
   fi
+  # pyenv's installs even when pyenv itself is not on PATH
+  for p in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10.*/bin/python 2>/dev/null | sort -V | tail -n1); do
+    if [ -x "$p" ]; then echo "$p"; return; fi
+  done
   for p in python3.10 python3; do
     if command -v $p >/dev/null 2>&1 && $p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))'; then
       command -v $p; return
