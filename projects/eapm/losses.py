@@ -21,13 +21,14 @@ Numerics of the focal part.  With the error ``e = |p - p*| = sigmoid(s)``,
 ``e' = MF * e`` and the focal loss at the modulated point is
 ``-alpha_t * e'^gamma * log(1 - e')``.  Near a very hard example ``e'`` is close to
 one, so ``1 - e'`` is never formed by subtraction: with ``u = 1 - e = sigmoid(-s)``
-and ``tanh(mu) - tanh(mu e) = sinh(mu u) / (cosh(mu) cosh(mu e))``,
+and ``MF - 1 = tanh(mu) - tanh(mu e) = sinh(mu u) / (cosh(mu) cosh(mu e)) = u * r``,
 
-    1 - e' = u * (1 - e * mu * sinhc(mu u) / (cosh(mu) cosh(mu e))),
+    1 - e' = u * (1 - e * r),   r = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e))),
 
-where the bracket lies in [1 - mu sech^2(mu), 1] (>= 0.55 for every mu >= 0), so
-``log(1 - e') = logsigmoid(-s) + log1p(-...)`` is exact to rounding even for logits
-of +-100 in float32.
+with ``expm1c(z) = (1 - exp(-z)) / z``: only exponentials of non-positive arguments, so no
+overflow for any mu. The bracket lies in [1 - mu sech^2(mu), 1] (>= 0.55 for every
+mu >= 0), so ``log(1 - e') = logsigmoid(-s) + log1p(-e r)`` is exact to rounding even for
+logits of +-100 in float32.
 """
 from __future__ import annotations
 
@@ -248,6 +249,14 @@ def _focal_sum(x: Tensor, t: Tensor, mu: float, alpha: float, gamma: float) -> T
     return loss.sum(), grad, stats
 
 
+def _focal_args(inputs: Tensor, targets: Tensor, mu, alpha, gamma) -> Tuple[Tensor, Tensor, float, float, float]:
+    """Validated kernel arguments: detached float32+ logits, targets of their dtype, floats."""
+    mu = check_eapm_param(mu, "mu")
+    _check_focal_args(inputs, targets, alpha, gamma)
+    x = _to_float(inputs).detach()
+    return x, targets.to(x.dtype), mu, float(alpha), float(gamma)
+
+
 def _check_focal_args(inputs: Tensor, targets: Tensor, alpha: float, gamma: float) -> None:
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
@@ -290,11 +299,7 @@ def eapm_focal_loss_sum_with_stats(
 ) -> Tuple[Tensor, Tensor]:
     """Summed EAPM focal loss and the detached diagnostic sums (see ``_focal_sum``),
     computed in one fused pass (compiled when ``set_compile(True)``)."""
-    mu = check_eapm_param(mu, "mu")
-    _check_focal_args(inputs, targets, alpha, gamma)
-    x = _to_float(inputs).detach()
-    t = targets.to(x.dtype)
-    loss, grad, stats = _run_kernel("_focal_sum", x, t, mu, float(alpha), float(gamma))
+    loss, grad, stats = _run_kernel("_focal_sum", *_focal_args(inputs, targets, mu, alpha, gamma))
     return _attach(inputs, loss, grad), stats
 
 
@@ -304,11 +309,7 @@ def eapm_focal_terms(
     """Per-element EAPM focal loss (with the gradient semantics above) plus the
     detached attributes it was computed from: ``(loss, dif, mf)``. The detectors use
     it to log diagnostics without recomputing the attributes."""
-    mu = check_eapm_param(mu, "mu")
-    _check_focal_args(inputs, targets, alpha, gamma)
-    x = _to_float(inputs).detach()
-    t = targets.to(x.dtype)
-    loss, grad, dif, mf = _run_kernel("_focal_terms", x, t, mu, float(alpha), float(gamma))
+    loss, grad, dif, mf = _run_kernel("_focal_terms", *_focal_args(inputs, targets, mu, alpha, gamma))
     return _attach(inputs, loss, grad), dif, mf
 
 
@@ -386,7 +387,8 @@ def _bl1_kernel(t: Tensor, g: Tensor, wh: Optional[Tensor], theta: float, alpha:
     that the compiled kernel is one flat, vectorisable loop (GoS is defined for w, h)."""
     err = t - g
     if wh is not None:
-        err = (1.0 + wh * (math.tanh(theta) - torch.tanh(theta * gap_over_sum(t, g)))) * err
+        mf = modulating_factor(gap_over_sum(t, g), theta)
+        err = torch.where(wh > 0, mf, torch.ones_like(mf)) * err
     loss, grad = _balanced_l1_terms(err.abs(), alpha, gamma, beta)
     grad = torch.sign(err) * grad  # 0 at err == 0, as autograd through |err|
     return (loss.sum() if reduce else loss), grad
