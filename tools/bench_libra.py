@@ -9,12 +9,16 @@
 
     How it is measured: each variant runs in a fresh subprocess, and the number is the
     rise of the process's peak resident set size (Linux VmHWM) over its resident size
-    just before the step, after resetting the peak through /proc/self/clear_refs (or,
-    where that is not allowed, over the peak before the step). tracemalloc only sees
-    Python's allocator, not torch's; torch.profiler(profile_memory=True) reports
-    per-operator allocations rather than the live peak, and both variants' large
-    buffers come from malloc/mmap, which the RSS sees. A fresh process per variant
-    keeps one variant's freed-but-cached pages out of the other's number.
+    just before the measured step, after resetting the peak through /proc/self/clear_refs
+    (or, where that is not allowed, over the peak before the step). The step (input
+    included) runs once before, at full size, so that thread pools and kernel caches are
+    allocated outside the measurement, and the child runs with glibc's
+    MALLOC_MMAP_THRESHOLD_=65536: every buffer above 64 KiB is its own mapping, returned
+    to the system when freed, so the peak RSS follows the live buffers instead of
+    malloc's cache (without it the threshold grows after the first large free and freed
+    blocks stay resident). Unlike a tensor-level count, this includes the kernels'
+    internal scratch buffers (the flash kernels allocate some). tracemalloc only sees
+    Python's allocator, and torch.profiler's CPU memory events do not give a live peak.
 
 (b) Time per image of the RoI sampler for 2000 proposals x 20 GT boxes:
     LibraROIHeads._sample_proposals (IoU-balanced negatives + instance-balanced
@@ -57,16 +61,24 @@ def _memory_child(variant: str, mode: str, batch: int) -> dict:
     block = NonLocalBlock2d(256)
     with torch.no_grad():
         block.conv_out.weight.normal_(std=0.01)  # a trained block is not the identity
-    x = torch.randn(batch, 256, 50, 84, requires_grad=(mode == "train"))
     fused = variant != "materialised"
     if variant == "no_attention":
         # the same block with the attention replaced by the identity on g(x): what every
-        # variant pays besides the attention (convs, token copies, output, autograd)
+        # variant pays besides the attention (projections, output, autograd)
         import torch.nn.functional as F
 
         F.scaled_dot_product_attention = lambda q, k, v, scale=None: v
-    # warm-up on a tiny input: kernels / thread pools allocate once, outside the peak
-    block(torch.randn(1, 256, 4, 4), fused=fused).sum()
+
+    def step():
+        x = torch.randn(batch, 256, 50, 84, requires_grad=(mode == "train"))
+        if mode == "train":
+            block(x, fused=fused).square().mean().backward()
+            block.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                block(x, fused=fused)
+
+    step()  # warm-up at full size: thread pools / kernel caches allocate outside the peak
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -75,11 +87,7 @@ def _memory_child(variant: str, mode: str, batch: int) -> dict:
         reset = False
     before = _proc_kib("VmRSS") if reset else _proc_kib("VmHWM")
     t0 = time.perf_counter()
-    if mode == "train":
-        block(x, fused=fused).square().mean().backward()
-    else:
-        with torch.no_grad():
-            block(x, fused=fused)
+    step()
     dt = time.perf_counter() - t0
     peak = _proc_kib("VmHWM")
     return {"peak_mib": (peak - before) / 1024, "seconds": dt, "peak_reset": reset}
@@ -91,6 +99,7 @@ def bench_memory(batch: int) -> list:
         for variant in ("no_attention", "sdpa", "materialised"):
             out = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--child", variant, mode, str(batch)],
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
                 check=True,
                 capture_output=True,
                 text=True,

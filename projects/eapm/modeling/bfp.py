@@ -15,11 +15,13 @@ The non-local block never materialises its HW x HW attention matrix: it calls
 GPU) with ``scale=1.0``, because Libra's block has no 1/sqrt(C) scaling. At 800x1333
 the P4 map is 50x84 = 4200 positions, so the materialised matrix is 4200^2 floats
 (~70 MB) per image, plus as much again for its softmax and their saved copies for the
-backward pass; ``tools/bench_libra.py`` measures the difference.
-``NonLocalBlock2d.forward(x, fused=False)`` keeps the direct formula for tests.
-Measured on CPU (torch 2.3, 2 threads, one 50x84x256 map): peak memory ~3x lower, forward
-as fast, but the CPU flash kernel's backward is ~5x slower than the materialised one at
-this head size (256); on GPUs SDPA dispatches to the CUDA flash / memory-efficient
+backward pass; ``tools/bench_libra.py`` measures the difference. The projections are
+batched matmuls on the (N, HW, C) token view, so the map is not copied into token
+layout and back. ``NonLocalBlock2d.forward(x, fused=False)`` keeps the direct formula
+(same projections, materialised attention) for tests and the benchmark.
+Measured on CPU (torch 2.3, 2 threads, one 50x84x256 map): peak memory of the whole
+block 0.145x of the materialised one for inference and 0.189x for a training step, at
+about the same speed; on GPUs SDPA dispatches to the CUDA flash / memory-efficient
 kernels. The quickstart's 128 px images give an 8x8 P4 map, where none of this matters.
 
 Registered builders (``MODEL.BACKBONE.NAME``):
@@ -77,22 +79,31 @@ class NonLocalBlock2d(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @staticmethod
+    def _project(tokens: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """A 1x1 conv applied to (N, HW, C) tokens -> (N, HW, C'), contiguous, as one
+        batched matmul: ``bmm`` reads the transposed (strided) token view in place, where
+        ``conv`` + ``transpose`` + ``contiguous`` would write the map twice."""
+        w = conv.weight.flatten(1).t()  # (C, C')
+        return torch.baddbmm(conv.bias, tokens, w.expand(tokens.shape[0], -1, -1))
+
     def forward(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
         n, c, h, w = x.shape
-
-        def tokens(conv):  # (N, C, H, W) -> (N, HW, C), contiguous: with a strided last
-            # dim SDPA falls back to its math backend, which materialises the attention
-            return conv(x).flatten(2).transpose(1, 2).contiguous()
-
-        q, k, v = tokens(self.theta), tokens(self.phi), tokens(self.g)
+        # (N, HW, C) tokens with a unit-stride channel dim: SDPA's fused CPU / GPU kernels
+        # need that (with a strided last dim it falls back to its math backend, which
+        # materialises the attention matrix)
+        tokens = x.flatten(2).transpose(1, 2)
+        q, k, v = (self._project(tokens, m) for m in (self.theta, self.phi, self.g))
         if fused:
             # one "head"; scale=1.0: Libra's pairwise function has no 1/sqrt(C)
             y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)[:, 0]
         else:
-            # the direct formula (materialises the (N, HW, HW) attention matrix)
+            # the direct formula: materialises the (N, HW, HW) attention matrix (tests and
+            # the memory benchmark; the projections are the same as above)
             y = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
-        y = y.transpose(1, 2).reshape(n, c, h, w)
-        return x + self.conv_out(y)
+        del q, k, v  # inference: free them before the output projection
+        out = self._project(y, self.conv_out)  # (N, HW, C)
+        return x + out.transpose(1, 2).view(n, c, h, w)
 
 
 class _ConvRefine(nn.Module):
