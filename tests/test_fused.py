@@ -69,3 +69,31 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, restore_compile):
     assert not losses.compile_enabled()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_eager_chunks_equal_one_pass(monkeypatch):
+    """The eager kernels run on flat chunks of large inputs: elementwise outputs are
+    stitched back in place, summed ones (loss sum, diagnostic sums) added up; a
+    length that is not a multiple of the chunk exercises the short last chunk."""
+    x, t, p, q = _inputs(300, seed=7)  # 24000 logits, 1200 deltas
+    losses.set_compile(False)
+    want = _run(x, t, p, q)
+    want_terms = losses.eapm_focal_terms(x, t, 1.5)
+    want_bl1 = losses.eapm_balanced_l1_loss(p, q, 1.0, beta=0.11)
+    monkeypatch.setattr(losses, "_EAGER_CHUNK", 1000)  # logits: 24 chunks; deltas: 1000 + 200
+    calls = []
+    orig = losses._EAGER_KERNELS["_focal_sum"]
+    monkeypatch.setitem(losses._EAGER_KERNELS, "_focal_sum", lambda *a: calls.append(a[0].shape) or orig(*a))
+    got = _run(x, t, p, q)
+    assert calls == [(1000,)] * 24, calls  # it was chunked
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(losses, "_EAGER_CHUNK", 1100)  # 21 full chunks + one of 900
+    for a, b in zip(losses.eapm_focal_terms(x, t, 1.5), want_terms):
+        assert a.shape == b.shape == x.shape
+        # elementwise, but not bit-identical: torch's vectorised and scalar (tail) loops
+        # round transcendental functions differently, and the chunking moves the tails
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    got_bl1 = losses.eapm_balanced_l1_loss(p, q, 1.0, beta=0.11)  # 4800 values: 4 + 1 of 400
+    torch.testing.assert_close(got_bl1, want_bl1, rtol=1e-6, atol=1e-12)

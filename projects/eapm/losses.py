@@ -113,8 +113,12 @@ def _check_reduction(reduction: str) -> None:
 
 def _expm1c(z: Tensor) -> Tensor:
     """(1 - exp(-z)) / z for z >= 0 (= 1 at z = 0), accurate for tiny z: a Taylor
-    polynomial below z = 0.1 (truncation error < z^5/720 < 2e-8). Not torch.expm1 near 0:
-    torch.compile's vectorised CPU expm1 (torch 2.3) loses all precision there."""
+    polynomial below z = 0.1 (truncation error < z^5/720 < 2e-8) when compiled: not
+    torch.expm1 near 0 there, as torch.compile's vectorised CPU expm1 (torch 2.3) loses
+    all precision for tiny arguments. Eager torch.expm1 is exact."""
+    if not torch.compiler.is_compiling():  # eager: torch.expm1 is exact, and fewer ops
+        eps = torch.finfo(z.dtype).eps  # below it, 1 - z/2 + ... rounds to 1
+        return z.neg().expm1_().div_(z.clamp_min(eps)).neg_().masked_fill_(z <= eps, 1.0)
     zl = z.clamp_min(0.1)
     poly = 1.0 + z * (-1.0 / 2 + z * (1.0 / 6 + z * (-1.0 / 24 + z * (1.0 / 120))))
     return torch.where(z < 0.1, poly, -torch.expm1(-zl) / zl)
@@ -162,9 +166,45 @@ def compile_enabled() -> bool:
     return _COMPILE["enabled"] and not _COMPILE["failed"]
 
 
+# Elements per chunk of the eager kernels (1 MiB per float32 temporary). A kernel is
+# some 40 elementwise ops; run eagerly on a whole (anchors x classes) tensor, each
+# out-of-place op writes a fresh tensor of that size (new pages from the system, out of
+# cache): that made the eager focal loss 2.7x slower than fvcore's on 50000 x 80. Chunk
+# by chunk, the temporaries stay in cache (tools/benchmark.py measures the effect).
+_EAGER_CHUNK = 1 << 18
+
+
 def _kernel(fn: Callable) -> Callable:
+    """Registers an elementwise kernel: every tensor argument has the same number of
+    elements, and every output is either elementwise (the shape of the first tensor
+    argument) or a sum over the elements (a scalar or a short vector of sums)."""
     _EAGER_KERNELS[fn.__name__] = fn
     return fn
+
+
+def _run_chunked(fn: Callable, *args):
+    """``fn(*args)`` for an elementwise kernel, computed on flat chunks of
+    ``_EAGER_CHUNK`` elements: elementwise outputs are written into full-size tensors,
+    summed outputs are added up over the chunks."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    n = tensors[0].numel()
+    if n <= _EAGER_CHUNK or any(a.numel() != n for a in tensors):
+        return fn(*args)
+    shape = tensors[0].shape
+    flat = [a.reshape(-1) if isinstance(a, Tensor) else a for a in args]
+    outs = None
+    for start in range(0, n, _EAGER_CHUNK):
+        stop = min(start + _EAGER_CHUNK, n)
+        part = fn(*(a[start:stop] if isinstance(a, Tensor) else a for a in flat))
+        if outs is None:  # the first chunk is a full one: elementwise outputs have its length
+            elementwise = [o.shape == (_EAGER_CHUNK,) for o in part]
+            outs = [o.new_empty(n) if ew else torch.zeros_like(o) for o, ew in zip(part, elementwise)]
+        for out, o, ew in zip(outs, part, elementwise):
+            if ew:
+                out[start:stop] = o
+            else:
+                out += o
+    return tuple(o.view(shape) if ew else o for o, ew in zip(outs, elementwise))
 
 
 def _run_kernel(name: str, *args):
@@ -179,7 +219,7 @@ def _run_kernel(name: str, *args):
             except Exception as e:  # no compiler, unsupported platform, ...
                 _COMPILE["failed"] = True
                 warnings.warn(f"torch.compile of the EAPM loss kernels failed ({type(e).__name__}: {e}); using eager mode")
-        return _EAGER_KERNELS[name](*args)
+        return _run_chunked(_EAGER_KERNELS[name], *args)
 
 
 # ----------------------------------------------------------------------------
@@ -191,33 +231,37 @@ def _focal_terms(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Value and d/dx of the focal loss at the EAPM-modulated point.
 
-    Returns (loss, grad, dif, mf); all float32/64."""
-    sign = 1.0 - 2.0 * t  # +1 for negatives, -1 for positives
-    s = sign * x
-    # e = sigmoid(s) (= Dif), u = 1 - e = sigmoid(-s) and log(u) = -softplus(s), all from
-    # one exp(-|s|): no cancellation and no overflow for any logit
-    big = torch.exp(-s.abs())
-    inv = 1.0 / (1.0 + big)
-    nonneg = s >= 0
-    e = torch.where(nonneg, inv, big * inv)
-    u = torch.where(nonneg, big * inv, inv)
-    log_u = -(s.clamp_min(0.0) + torch.log1p(big))
+    Returns (loss, grad, dif, mf); all float32/64.
+
+    The temporaries are updated in place where they are not needed any more: run
+    eagerly, every out-of-place op allocates a fresh buffer, which costs more than the
+    arithmetic (see ``_EAGER_CHUNK``); torch.compile fuses either form."""
+    sign = t.mul(-2.0).add_(1.0)  # +1 for negatives, -1 for positives
+    s = x.mul(sign)
+    # e = sigmoid(s) (= Dif) and u = 1 - e = sigmoid(-s), each to full relative accuracy
+    # (1 / (1 + exp(-s)): no cancellation; below ~1e-38 they underflow to 0, where every
+    # term they enter is negligible), and log(u) = -softplus(s), exact for any logit
+    e = torch.sigmoid(s)
+    u = torch.sigmoid(s.neg())
+    log_u = torch.nn.functional.softplus(s, threshold=40.0).neg_()  # exact to rounding above 40
     if mu > 0:
         # r/u with r = tanh(mu) - tanh(mu e) = MF - 1 = sinh(mu u) / (cosh(mu) cosh(mu e)),
         # written with exponentials of non-positive arguments only (no overflow for any mu):
         # r/u = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e)))
-        q = torch.exp(-2.0 * mu * e)
-        r_over_u = (4.0 * mu / (1.0 + math.exp(-2.0 * mu))) * q * _expm1c(2.0 * mu * u) / (1.0 + q)
-        mf = 1.0 + u * r_over_u
-        e_mod = (e * mf).clamp(max=1.0)
-        er = (e * r_over_u).clamp(max=1.0)  # in [0, mu sech^2 mu] <= 0.45
-        log_1m = log_u + torch.log1p(-er)
-        one_m = u * (1.0 - er)  # 1 - e', from the same factorisation
+        q = e.mul(-2.0 * mu).exp_()
+        r_over_u = _expm1c(u.mul(2.0 * mu)).mul_(q).mul_(4.0 * mu / (1.0 + math.exp(-2.0 * mu)))
+        r_over_u.div_(q.add_(1.0))
+        mf = u.mul(r_over_u).add_(1.0)
+        e_mod = e.mul(mf).clamp_(max=1.0)
+        er = r_over_u.mul_(e).clamp_(max=1.0)  # e r, in [0, mu sech^2 mu] <= 0.45
+        one_m = er.neg().add_(1.0).mul_(u)  # 1 - e' = u (1 - e r), from the same factorisation
+        log_1m = er.neg_().log1p_().add_(log_u)
     else:
         mf = torch.ones_like(e)
         e_mod = e
         log_1m = log_u
         one_m = u
+    # (e_mod may be e, which is returned: not modified below)
     if gamma == 0:
         e_pow = torch.ones_like(e_mod)
         e_pow_grad = e_mod
@@ -228,13 +272,13 @@ def _focal_terms(
         e_pow = e_mod.pow(gamma)
         e_pow_grad = e_pow * e_mod
     # FL(s) = -a_t e^g log(1-e);  dFL/ds = a_t e^g (e - g (1-e) log(1-e))
-    loss = -e_pow * log_1m
-    grad = e_pow_grad - gamma * e_pow * one_m * log_1m
+    loss = e_pow.mul(log_1m).neg_()
+    grad = e_pow.mul(one_m).mul_(log_1m).mul_(-gamma).add_(e_pow_grad)
     if alpha >= 0:
-        a_t = alpha * t + (1.0 - alpha) * (1.0 - t)
-        loss = a_t * loss
-        grad = a_t * grad
-    return loss, sign * grad, e, mf
+        a_t = t.mul(2.0 * alpha - 1.0).add_(1.0 - alpha)  # alpha t + (1 - alpha)(1 - t)
+        loss.mul_(a_t)
+        grad.mul_(a_t)
+    return loss, grad.mul_(sign), e, mf
 
 
 @_kernel
