@@ -374,17 +374,20 @@ def _check_bl1_args(alpha: float, gamma: float, beta: float) -> None:
 
 
 def _balanced_l1_terms(d: Tensor, alpha: float, gamma: float, beta: float) -> Tuple[Tensor, Tensor]:
-    """mmdetection's balanced L1 on d = |error| >= 0: (loss, dloss/dd)."""
+    """mmdetection's balanced L1 on d = |error| >= 0: (loss, dloss/dd). ``d`` is only
+    read; the temporaries are updated in place (see ``_focal_terms``)."""
     b = math.exp(gamma / alpha) - 1.0
     inlier = d < beta
-    di = torch.where(inlier, d, torch.zeros_like(d))
-    bd = b * di
-    log_term = torch.log1p(bd / beta)
-    loss_in = alpha / b * (bd + 1.0) * log_term - alpha * di
-    grad_in = alpha * log_term + alpha * (bd + 1.0) / (bd + beta) - alpha
-    loss_out = gamma * d + gamma / b - alpha * beta
+    di = d.clamp(max=beta)  # the inlier branch stays finite on outliers (not selected)
+    bd = di.mul(b)
+    log_term = bd.div(beta).log1p_()
+    bd_beta = bd.add(beta)
+    bd1 = bd.add_(1.0)
+    loss_in = bd1.mul(log_term).mul_(alpha / b).sub_(di.mul_(alpha))
+    grad_in = bd1.div_(bd_beta).add_(log_term).sub_(1.0).mul_(alpha)
+    loss_out = d.mul(gamma).add_(gamma / b - alpha * beta)
     loss = torch.where(inlier, loss_in, loss_out)
-    grad = torch.where(inlier, grad_in, torch.full_like(d, gamma))
+    grad = grad_in.masked_fill_(inlier.logical_not_(), gamma)
     return loss, grad
 
 
@@ -431,10 +434,12 @@ def _bl1_kernel(t: Tensor, g: Tensor, wh: Optional[Tensor], theta: float, alpha:
     that the compiled kernel is one flat, vectorisable loop (GoS is defined for w, h)."""
     err = t - g
     if wh is not None:
-        mf = modulating_factor(gap_over_sum(t, g), theta)
-        err = torch.where(wh > 0, mf, torch.ones_like(mf)) * err
+        # MF of GoS = |t - t*| / (|t| + |t*|) (the public helpers, in place; 0/0 -> 0)
+        gos = err.abs().div_(t.abs().add_(g.abs()).clamp_min_(torch.finfo(t.dtype).tiny))
+        mf = gos.mul_(-theta).tanh_().add_(1.0 + math.tanh(theta))  # 1 + tanh(th) - tanh(th GoS)
+        err.mul_(mf.masked_fill_(wh == 0, 1.0))
     loss, grad = _balanced_l1_terms(err.abs(), alpha, gamma, beta)
-    grad = torch.sign(err) * grad  # 0 at err == 0, as autograd through |err|
+    grad.mul_(err.sign_())  # 0 at err == 0, as autograd through |err|
     return (loss.sum() if reduce else loss), grad
 
 
