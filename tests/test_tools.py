@@ -384,3 +384,20 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
     assert "on eapm_shapes_val" in text and "| retinanet | 4 | — |" in text
     summary = json.loads((tmp_path / "ablation.json").read_text())
     assert summary["variants"]["eapm_mu1.5"]["delta_AP"] == {"mean": 1.0, "std": 0.5, "n": 3}
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_on_cpu():
+    """The prepared GPU check runs end to end (on tiny CPU images, bfloat16 autocast), so a
+    lent GPU's minutes are not spent on a script error: all three variants train a step
+    with finite losses (the script raises otherwise) and the ratios are printed."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "gpu_benchmark.py"), "--device", "cpu", "--batch", "2",
+         "--height", "64", "--width", "96", "--iters", "1", "--warmup", "0"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for name in ("RetinaNet (detectron2 losses)", "RetinaNet + EAPM mu 1.5 (compiled)", "RetinaNet + EAPM mu 1.5 (eager)"):
+        assert any(line.startswith(name) and "s/iter" in line for line in lines), out.stdout
+    assert sum(line.startswith("ratio ") for line in lines) == 2, out.stdout
