@@ -97,3 +97,24 @@ def test_eager_chunks_equal_one_pass(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     got_bl1 = losses.eapm_balanced_l1_loss(p, q, 1.0, beta=0.11)  # 4800 values: 4 + 1 of 400
     torch.testing.assert_close(got_bl1, want_bl1, rtol=1e-6, atol=1e-12)
+
+
+def test_eager_chunks_only_on_cpu(monkeypatch):
+    """On a GPU the kernels run in one piece (the caching allocator makes chunks useless,
+    and each chunk would be ~40 kernel launches); 'meta' tensors stand in for a device."""
+    monkeypatch.setattr(losses, "_EAGER_CHUNK", 100)
+    shapes = []
+
+    def kernel(x, t, k):
+        shapes.append(tuple(x.shape))
+        return x * k, (x * t).sum()
+
+    x = torch.randn(30, 20)
+    t = torch.rand(30, 20)
+    out, total = losses._run_chunked(kernel, x, t, 2.0)
+    assert shapes == [(100,)] * 6 and out.shape == (30, 20)
+    torch.testing.assert_close(out, 2 * x, rtol=0, atol=0)
+    torch.testing.assert_close(total, (x * t).sum(), rtol=1e-5, atol=1e-5)
+    shapes.clear()
+    out, total = losses._run_chunked(kernel, x.to("meta"), t.to("meta"), 2.0)
+    assert shapes == [(30, 20)] and out.device.type == "meta"

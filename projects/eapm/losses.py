@@ -184,11 +184,13 @@ def _kernel(fn: Callable) -> Callable:
 
 def _run_chunked(fn: Callable, *args):
     """``fn(*args)`` for an elementwise kernel, computed on flat chunks of
-    ``_EAGER_CHUNK`` elements: elementwise outputs are written into full-size tensors,
-    summed outputs are added up over the chunks."""
+    ``_EAGER_CHUNK`` elements for CPU tensors: elementwise outputs are written into
+    full-size tensors, summed outputs are added up over the chunks."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     n = tensors[0].numel()
-    if n <= _EAGER_CHUNK or any(a.numel() != n for a in tensors):
+    # CPU only: on a GPU the caching allocator reuses freed blocks (nothing to gain), and
+    # each chunk would cost ~40 kernel launches
+    if tensors[0].device.type != "cpu" or n <= _EAGER_CHUNK or any(a.numel() != n for a in tensors):
         return fn(*args)
     shape = tensors[0].shape
     flat = [a.reshape(-1) if isinstance(a, Tensor) else a for a in args]
