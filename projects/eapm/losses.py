@@ -436,9 +436,7 @@ def _bl1_kernel(t: Tensor, g: Tensor, wh: Optional[Tensor], theta: float, alpha:
     that the compiled kernel is one flat, vectorisable loop (GoS is defined for w, h)."""
     err = t - g
     if wh is not None:
-        # MF of GoS = |t - t*| / (|t| + |t*|) (the public helpers, in place; 0/0 -> 0)
-        gos = err.abs().div_(t.abs().add_(g.abs()).clamp_min_(torch.finfo(t.dtype).tiny))
-        mf = gos.mul_(-theta).tanh_().add_(1.0 + math.tanh(theta))  # 1 + tanh(th) - tanh(th GoS)
+        mf = modulating_factor(gap_over_sum(t, g), theta)
         err.mul_(mf.masked_fill_(wh == 0, 1.0))
     loss, grad = _balanced_l1_terms(err.abs(), alpha, gamma, beta)
     grad.mul_(err.sign_())  # 0 at err == 0, as autograd through |err|
