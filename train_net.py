@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 import eapm
@@ -27,40 +25,17 @@ logger = logging.getLogger("eapm")
 
 
 def load_config(args):
-    """The merged and validated (not yet frozen) config of the command line. Cheap (no
-    data, model or process group), so a bad value fails in seconds with an error naming
-    the key; ``__main__`` calls it before ``launch`` spawns any process."""
-    cfg = get_cfg()
-    eapm.add_eapm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
-        cfg.MODEL.DEVICE = "cpu"
-    for name, json_file, image_root in args.register_coco or []:
-        cfg.DATASETS.COCO_JSON.append([name, json_file, image_root])
-    if args.eval_only:
-        eapm.validate_eapm_config(cfg)
-        return cfg
-    eapm.validate_train_config(cfg)  # + the architecture uses what is switched on, AMP needs CUDA
-    world = args.num_gpus * args.num_machines
-    if cfg.SOLVER.REFERENCE_WORLD_SIZE == 0 and cfg.SOLVER.IMS_PER_BATCH % world != 0:
-        # detectron2 asserts this only after the model and the dataset are loaded
-        raise ValueError(
-            f"Invalid config SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}: it is the total batch of all "
-            f"processes and must be divisible by their number ({world} = --num-gpus x --num-machines)"
-        )
-    per_process = cfg.SOLVER.IMS_PER_BATCH // world
-    head_norm = {"EAPMRetinaNet": cfg.MODEL.RETINANET.NORM, "EAPMFCOS": cfg.MODEL.FCOS.HEAD_NORM}.get(
-        cfg.MODEL.META_ARCHITECTURE, ""
+    """The merged and validated (not yet frozen) config of the command line
+    (``eapm.load_config``). Cheap (no data, model or process group), so a bad value
+    fails in seconds with an error naming the key; ``__main__`` calls it before
+    ``launch`` spawns any process."""
+    return eapm.load_config(
+        args.config_file,
+        args.opts,
+        training=not args.eval_only,
+        world_size=args.num_gpus * args.num_machines,
+        coco_json=args.register_coco or (),
     )
-    if head_norm == "BN" and per_process < 2 and cfg.SOLVER.REFERENCE_WORLD_SIZE == 0:
-        # BatchNorm on the 1x1 top level of one image fails deep inside torch at iteration 0
-        raise ValueError(
-            f"Invalid config SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}: the head's BatchNorm needs at "
-            f"least 2 images per process, got {per_process} ({world} processes); use more images, or "
-            "GN / SyncBN in the head"
-        )
-    return cfg
 
 
 def setup(args):

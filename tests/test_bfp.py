@@ -202,7 +202,7 @@ def test_bfp_disabled_gives_plain_fpn_and_config_errors():
         build_backbone(cfg)
     cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone", "MODEL.BFP.ENABLED", True)
     with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME"):
-        eapm.validate_eapm_config(cfg)
+        eapm.validate_config(cfg)
     cfg = tiny_cfg(None, "MODEL.BFP.REFINE_TYPE", "attention")
     with pytest.raises(ValueError, match="MODEL.BFP.REFINE_TYPE"):
-        eapm.validate_eapm_config(cfg)
+        eapm.validate_config(cfg)

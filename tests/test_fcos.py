@@ -62,7 +62,7 @@ def test_registered_and_built_from_yacs(baseline):
 
     assert "EAPMFCOS" in META_ARCH_REGISTRY and "build_fcos_resnet_fpn_backbone" in BACKBONE_REGISTRY
     model, _ = baseline
-    assert isinstance(model, FCOS) and model.eapm_cls_mu is None
+    assert isinstance(model, FCOS) and model.eapm_cls_mu == 0.0
     shapes = model.backbone.output_shape()
     assert [shapes[f].stride for f in ("p3", "p4", "p5", "p6", "p7")] == [8, 16, 32, 64, 128]
     # P6 from P5 (FPN channels in), not from C5
@@ -83,7 +83,7 @@ def test_eapm_off_equals_detectron2_fcos(baseline):
     ours, state = baseline
     ours = twin(state)
     args = EAPMFCOS.from_config(fcos_cfg())
-    for k in ("eapm_cls_mu", "box_loss_type", "loss_normalizer", "histogram_period"):
+    for k in ("eapm_cls_mu", "box_loss_type", "loss_normalizer", "histogram_period", "compile_kernels"):
         args.pop(k)
     ref = FCOS(**args)
     ref.load_state_dict(state)
@@ -169,22 +169,34 @@ def test_all_reduce_normaliser_single_process(baseline):
         ("MODEL.FCOS.CENTER_SAMPLING_RADIUS", 0.0),
         ("MODEL.FCOS.NUM_CONVS", 0),
         ("MODEL.FCOS.BOX_LOSS_TYPE", "smooth_l1"),
-        ("MODEL.FCOS.IN_FEATURES", ["p2", "p3"]),
         ("MODEL.EAPM.REG.ENABLED", True),
     ],
 )
 def test_bad_config_raises_naming_the_key(key, value):
-    """(e) Out-of-range values fail when the model is built, naming the key."""
+    """(e) Out-of-range values fail where the config is validated, naming the key."""
+    import eapm
+
     cfg = fcos_cfg("quickstart/eapm_fcos.yaml", key, value)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        eapm.validate_config(cfg)
+
+
+def test_in_features_the_backbone_lacks_fail_when_built():
+    """Only the built backbone knows its features: EAPMFCOS.from_config owns this check."""
+    cfg = fcos_cfg("quickstart/eapm_fcos.yaml", "MODEL.FCOS.IN_FEATURES", ["p2", "p3"])
+    with pytest.raises(ValueError, match=r"MODEL\.FCOS\.IN_FEATURES = \['p2', 'p3'\]: \['p2'\] not produced"):
         build(cfg)
 
 
 def test_gn_head_needs_two_channels_per_group():
+    import eapm
+
     cfg = tiny_cfg("quickstart/fcos.yaml")  # FPN 32 channels: GN would be instance norm
     with pytest.raises(ValueError, match=r"MODEL\.FCOS\.HEAD_NORM"):
-        build(cfg)
-    build(tiny_cfg("quickstart/fcos.yaml", "MODEL.FCOS.HEAD_NORM", ""))
+        eapm.validate_config(cfg)
+    cfg = tiny_cfg("quickstart/fcos.yaml", "MODEL.FCOS.HEAD_NORM", "")
+    eapm.validate_config(cfg)
+    assert len(build(cfg).head.cls_subnet) == 2  # one conv + ReLU, no norm
 
 
 def test_coco_configs_load():
@@ -197,7 +209,7 @@ def test_coco_configs_load():
 
         cfg = eapm.add_eapm_config(get_cfg())
         cfg.merge_from_file(os.path.join(base, name + ".yaml"))
-        eapm.validate_eapm_config(cfg)
+        eapm.validate_config(cfg)
         assert cfg.MODEL.META_ARCHITECTURE == "EAPMFCOS" and cfg.MODEL.FCOS.NUM_CLASSES == 80
         assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.01, 90000)
         assert tuple(cfg.SOLVER.STEPS) == (60000, 80000)

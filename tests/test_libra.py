@@ -78,7 +78,7 @@ def test_roi_eapm_balanced_l1_hand_computed(storage):
 
 
 def test_roi_balanced_l1_without_eapm_and_normaliser(storage):
-    layer = _layer(theta=None)
+    layer = _layer(theta=0.0)
     proposals, gt, gt_classes, pred = _case()
     loss = layer.box_reg_loss(proposals, gt, pred, gt_classes)
     tw = 5 * math.log(2.0)
@@ -196,7 +196,7 @@ def test_config_loads_and_builds(path):
     full = get_cfg()
     eapm.add_eapm_config(full)
     full.merge_from_file(os.path.join(CONFIGS, path))
-    eapm.validate_eapm_config(full)
+    eapm.validate_config(full)
     mu, theta = EXPECTED[name]
     assert (full.MODEL.EAPM.CLS.MU if full.MODEL.EAPM.CLS.ENABLED else None) == mu
     assert (full.MODEL.EAPM.REG.THETA if full.MODEL.EAPM.REG.ENABLED else None) == theta
@@ -219,12 +219,12 @@ def test_config_loads_and_builds(path):
     if rcnn:
         assert isinstance(model.roi_heads, LibraROIHeads)
         assert isinstance(model.roi_heads.box_predictor, EAPMFastRCNNOutputLayers)
-        assert model.roi_heads.box_predictor.eapm_reg_theta == theta
+        assert model.roi_heads.box_predictor.eapm_reg_theta == (theta or 0.0)
         assert model.roi_heads.box_predictor.box_reg_loss_type == "balanced_l1"
         assert model.roi_heads.iou_balanced_num_bins == 3 and model.roi_heads.instance_balanced_pos
     else:
         assert type(model).__name__ == "EAPMRetinaNet"
-        assert model.eapm_cls_mu == mu and model.eapm_reg_theta == theta
+        assert model.eapm_cls_mu == (mu or 0.0) and model.eapm_reg_theta == (theta or 0.0)
         assert model.box_reg_loss_type == "balanced_l1" and model.balanced_l1 == (0.5, 1.5, 0.11)
 
 

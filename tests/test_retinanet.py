@@ -78,15 +78,22 @@ def test_training_step_finite_with_grads_in_head_and_backbone():
     assert 0.0 <= latest["eapm/reg_gos"][0] <= 1.0
 
 
-def test_histograms_logged_every_period():
+def test_histograms_logged_every_period(monkeypatch):
     model = build_model(tiny_cfg(EAPM_RETINA, "MODEL.EAPM.HISTOGRAM_PERIOD", 2))
     batch = make_batch(2, num_boxes=(3,))
-    for it, expected in ((0, True), (1, False)):
-        with EventStorage(it) as storage:
+    logged = []
+    monkeypatch.setattr(
+        EventStorage, "put_histogram", lambda self, tag, values, **kw: logged.append((self.iter, tag, values))
+    )
+    for it in (0, 1, 2):
+        with EventStorage(it):
             model(batch)
-        names = {h["tag"] for h in storage._histograms}
+    for it, expected in ((0, True), (1, False), (2, True)):
+        names = {tag for i, tag, _ in logged if i == it}
         assert ("eapm/cls_mf_pos" in names) == expected
         assert ("eapm/reg_gos" in names) == expected
+    mf = [v for i, tag, v in logged if tag == "eapm/cls_mf_neg"][0]
+    assert mf.min() >= 1.0 and mf.max() <= 1.0 + math.tanh(1.5) + 1e-6  # MF's range
 
 
 @pytest.mark.parametrize("boxes", [(0,), (0, 3)])
@@ -128,10 +135,35 @@ def test_all_reduce_normaliser_single_process():
         ("MODEL.LOSS_NORMALIZER.TYPE", "median"),
     ],
 )
-def test_bad_config_rejected_when_building(key, value):
+def test_bad_config_rejected_by_validation(key, value):
+    import eapm
+
     cfg = tiny_cfg(EAPM_RETINA, key, value)
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        build_model(cfg)
+    with pytest.raises(ValueError, match="^Invalid config " + key.replace(".", r"\.")):
+        eapm.validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        ({"eapm_cls_mu": -1.0}, "eapm_cls_mu"),
+        ({"eapm_reg_theta": float("inf")}, "eapm_reg_theta"),
+        ({"balanced_l1": (0.5, 0.0, 1.0)}, "gamma"),
+        ({"loss_normalizer": "median"}, "loss_normalizer"),
+        ({"eapm_reg_theta": 1.0, "box_reg_loss_type": "smooth_l1"}, "balanced_l1"),
+    ],
+)
+def test_constructor_enforces_its_arguments(kwargs, arg):
+    """Built from keyword arguments (no config), the model checks them itself."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNet
+
+    from eapm.modeling import EAPMRetinaNet
+
+    base = RetinaNet.from_config(tiny_cfg(EAPM_RETINA))
+    base["box_reg_loss_type"] = "balanced_l1"
+    with pytest.raises(ValueError, match=arg):
+        EAPMRetinaNet(**{**base, **kwargs})
+    assert EAPMRetinaNet(**base).eapm_cls_mu == 0.0  # defaults: EAPM off
 
 
 def test_eapm_reg_requires_balanced_l1():
@@ -140,12 +172,26 @@ def test_eapm_reg_requires_balanced_l1():
         build_model(cfg)
 
 
-def test_inference_returns_instances():
-    model = build_model(tiny_cfg(EAPM_RETINA))
-    model.eval()
+def test_inference_is_detectron2_retinanet_inference():
+    """EAPM changes training only: with the same weights, inference gives detectron2's
+    RetinaNet's detections exactly."""
+    cfg = tiny_cfg(EAPM_RETINA, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0)
+    ours = build_model(cfg)
+    cfg_d2 = tiny_cfg(RETINA, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.META_ARCHITECTURE", "RetinaNet")
+    theirs = build_model(cfg_d2)
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval(), theirs.eval()
+    batch = make_batch(2, num_boxes=(0,))
     with torch.no_grad():
-        out = model(make_batch(2, num_boxes=(0,)))
-    assert len(out) == 2 and out[0]["instances"].pred_boxes.tensor.shape[-1] == 4
+        a, b = ours(batch), theirs(batch)
+    assert len(a) == 2
+    for x, y in zip(a, b):
+        x, y = x["instances"], y["instances"]
+        assert 0 < len(x) <= cfg.TEST.DETECTIONS_PER_IMAGE
+        torch.testing.assert_close(x.pred_boxes.tensor, y.pred_boxes.tensor, rtol=0, atol=0)
+        torch.testing.assert_close(x.scores, y.scores, rtol=0, atol=0)
+        assert torch.equal(x.pred_classes, y.pred_classes)
+        assert x.pred_classes.max() < cfg.MODEL.RETINANET.NUM_CLASSES
 
 
 @pytest.mark.parametrize(
@@ -159,4 +205,4 @@ def test_coco_configs_build(name, mu):
     if mu is not None:
         assert cfg.MODEL.EAPM.CLS.MU == float(mu)
     model = build_model(cfg)
-    assert model.eapm_cls_mu == (None if mu is None else float(mu))
+    assert model.eapm_cls_mu == (0.0 if mu is None else float(mu))

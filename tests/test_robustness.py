@@ -63,11 +63,14 @@ BAD_OPTS = [
     (["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "smooth_l1"], "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"),
     # EAPM switched on for detectron2's own RetinaNet: would silently train without EAPM
     (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.REG.ENABLED", "False",
-      "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "smooth_l1"], "MODEL.META_ARCHITECTURE"),
-    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.CLS.ENABLED", "False"], "MODEL.META_ARCHITECTURE"),
+      "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "smooth_l1"], "MODEL.EAPM.CLS.ENABLED"),
+    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.CLS.ENABLED", "False"], "MODEL.EAPM.REG.ENABLED"),
+    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.CLS.ENABLED", "False",
+      "MODEL.EAPM.REG.ENABLED", "False"], "MODEL.META_ARCHITECTURE"),
     # detectron2's ROI heads with balanced L1: would fail only at the first iteration
     (["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
-      "MODEL.EAPM.CLS.ENABLED", "False", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_l1"], "MODEL.ROI_HEADS.NAME"),
+      "MODEL.EAPM.CLS.ENABLED", "False", "MODEL.EAPM.REG.ENABLED", "False",
+      "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_l1"], "MODEL.ROI_HEADS.NAME"),
     # detectron2's AMPTrainer needs CUDA (this machine has none: MODEL.DEVICE is cpu)
     (["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"], "SOLVER.AMP.ENABLED"),
 ]  # fmt: skip
@@ -79,6 +82,8 @@ def test_bad_config_rejected_naming_key(train_net, opts, key):
     with pytest.raises((ValueError, KeyError, AssertionError)) as e:  # yacs asserts on unknown keys
         train_net.load_config(args)
     assert key in str(e.value)
+    if isinstance(e.value, ValueError) and "Invalid config" in str(e.value):
+        assert str(e.value).startswith(f"Invalid config {key}"), str(e.value)
 
 
 def test_total_batch_not_divisible_by_processes(train_net):
@@ -119,12 +124,17 @@ def test_non_finite_values_from_yaml_rejected(train_net, tmp_path, yaml_value, k
 def test_good_configs_pass(train_net):
     import glob
 
-    for f in sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)):
+    files = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+    assert len(files) >= 30
+    for f in files:
         args = train_net.build_parser().parse_args(["--config-file", f, "MODEL.DEVICE", "cpu"])
-        train_net.load_config(args)
+        cfg = train_net.load_config(args)
+        assert cfg.MODEL.DEVICE == "cpu" and not cfg.is_frozen()
+        # the file's own values arrive (not only the defaults)
+        assert cfg.MODEL.META_ARCHITECTURE in ("EAPMRetinaNet", "EAPMFCOS", "GeneralizedRCNN"), f
     # AMP is only checked for training; --eval-only ignores it
     args = train_net.build_parser().parse_args(["--config-file", QUICKSTART, "--eval-only", "SOLVER.AMP.ENABLED", "True"])
-    train_net.load_config(args)
+    assert train_net.load_config(args).SOLVER.AMP.ENABLED is True
 
 
 @pytest.mark.slow

@@ -1,23 +1,43 @@
-"""Config keys of the EAPM project and their validation.
+"""Config keys of the EAPM project, their validation, and their mapping to the
+constructor arguments of the EAPM modules.
 
-Call ``add_eapm_config(cfg)`` on detectron2's default config before
-``merge_from_file``. Every key is documented inline; ``validate_eapm_config`` rejects
-out-of-range values with an error that names the key, before anything is built.
+* ``add_eapm_config(cfg)`` adds the keys (call it on detectron2's default config before
+  ``merge_from_file``); every key is documented inline.
+* ``load_config(...)`` is where a config is loaded: merged, and validated once by
+  ``validate_config``, which raises ``ValueError`` naming the key before anything is
+  built. It asks the registered classes what they support (``eapm.capabilities``).
+* ``eapm_kwargs(cfg)`` turns the config into the constructor arguments of every EAPM
+  module; the modules' ``from_config`` take theirs from it and nothing else.
 """
 from __future__ import annotations
 
 import math
 
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
-__all__ = ["add_eapm_config", "validate_eapm_config", "validate_train_config"]
+from .capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal
+from .losses import check_balanced_l1_params, check_eapm_param
 
-# regression losses the dense heads accept; the first four are detectron2's own
-DENSE_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
-# regression losses the ROI box head accepts
-ROI_BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
+__all__ = [
+    "add_eapm_config",
+    "load_config",
+    "validate_config",
+    "eapm_kwargs",
+    "BOX_REG_LOSSES",
+    "FCOS_BOX_LOSSES",
+    "LOSS_NORMALIZERS",
+]
+
+# box regression losses of RetinaNet and the ROI box head: detectron2's four and ours
+BOX_REG_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
 # regression losses FCOS accepts (on decoded boxes; detectron2's FCOS uses giou)
 FCOS_BOX_LOSSES = ("giou", "diou", "ciou")
+# how the dense heads normalise their losses (see MODEL.LOSS_NORMALIZER.TYPE)
+LOSS_NORMALIZERS = ("ema", "all_reduce")
 
 
 def add_eapm_config(cfg: CN) -> CN:
@@ -31,7 +51,8 @@ def add_eapm_config(cfg: CN) -> CN:
     # (RetinaNet, Libra RetinaNet, FCOS). False = plain focal loss.
     _C.MODEL.EAPM.CLS.ENABLED = False
     # mu >= 0 of MF_cls = 1 + tanh(mu) - tanh(mu * Dif), Dif = |p - p*|.
-    # The paper's best value is 1.5; mu = 0 is exactly the focal loss.
+    # The paper's best value is 1.5; mu = 0 is exactly the focal loss, and is computed as
+    # with ENABLED False (detectron2's focal loss): 0 is the one way to say "off".
     _C.MODEL.EAPM.CLS.MU = 1.5
     _C.MODEL.EAPM.REG = CN()
     # EAPM with balanced L1 loss on box regression (dw, dh modulated by Gap-over-Sum).
@@ -39,14 +60,16 @@ def add_eapm_config(cfg: CN) -> CN:
     # BBOX_REG_LOSS_TYPE, R-CNN: MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE).
     _C.MODEL.EAPM.REG.ENABLED = False
     # theta >= 0 of MF_reg = 1 + tanh(theta) - tanh(theta * GoS),
-    # GoS = |t - t*| / (|t| + |t*|). The paper's best value is 1.0 (one-stage) / 1.5 (R-CNN).
+    # GoS = |t - t*| / (|t| + |t*|). The paper's best value is 1.0 (one-stage) / 1.5 (R-CNN);
+    # theta = 0 is exactly the balanced L1 loss (computed as with ENABLED False).
     _C.MODEL.EAPM.REG.THETA = 1.0
     # Log the histograms of Dif, GoS and MF to the event storage every this many
     # iterations (0 = never). Means are logged every iteration (cheap).
     _C.MODEL.EAPM.HISTOGRAM_PERIOD = 0
-    # Run the fused EAPM loss kernels through torch.compile (compiled once per process;
-    # falls back to eager mode with a warning where compilation fails). Worth it for
-    # COCO-sized heads; the quickstart configs turn it off (tiny tensors).
+    # Run this model's fused EAPM loss kernels through torch.compile (each kernel is
+    # compiled once per process; where the compiler fails, eager mode with one warning).
+    # Per model: two models in one process can differ. Worth it for COCO-sized heads;
+    # the quickstart configs turn it off (tiny tensors).
     _C.MODEL.EAPM.COMPILE = True
 
     # -------------------------------------------------------- balanced L1
@@ -142,21 +165,66 @@ def add_eapm_config(cfg: CN) -> CN:
     return cfg
 
 
+# ---------------------------------------------------------------------------
+# loading and validation
+# ---------------------------------------------------------------------------
+def load_config(
+    config_file: str,
+    opts: Sequence[str] = (),
+    *,
+    training: bool = True,
+    world_size: int = 1,
+    coco_json: Iterable[Sequence[str]] = (),
+) -> CN:
+    """The project's config: detectron2's defaults + ``add_eapm_config``, merged from
+    ``config_file`` and the ``KEY VALUE`` list ``opts``, validated (``validate_config``).
+    Cheap (no data, model or process group), so a bad value fails in seconds.
+
+    Args:
+        training: also check what only a training job needs (AMP, batch per process).
+        world_size: the number of training processes (``--num-gpus x --num-machines``).
+        coco_json: extra ``[name, json_file, image_root]`` entries appended to
+            ``DATASETS.COCO_JSON``.
+
+    Returns the (not yet frozen) config. MODEL.DEVICE falls back to "cpu" when CUDA is
+    not available.
+    """
+    cfg = get_cfg()
+    add_eapm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
+        cfg.MODEL.DEVICE = "cpu"
+    for entry in coco_json:
+        cfg.DATASETS.COCO_JSON.append(list(entry))
+    validate_config(cfg, training=training, world_size=world_size)
+    return cfg
+
+
+def _fail(key: str, value, msg: str):
+    raise ValueError(f"Invalid config {key} = {value!r}: {msg}")
+
+
 def _require(cond: bool, key: str, msg: str, value) -> None:
     if not cond:
-        raise ValueError(f"Invalid config {key} = {value!r}: {msg}")
+        _fail(key, value, msg)
 
 
-def _finite_nonneg(cfg: CN, key: str) -> None:
-    v = _get(cfg, key)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-    _require(ok, key, "must be a finite number >= 0", v)
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
-def _finite_pos(cfg: CN, key: str) -> None:
-    v = _get(cfg, key)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    _require(ok, key, "must be a finite number > 0", v)
+def _checked(cfg: CN, key: str, check) -> None:
+    """Runs ``check(value)`` (the function that owns the rule about this value, used by
+    the module that takes it too) and re-raises its ValueError naming the key."""
+    value = _get(cfg, key)
+    try:
+        check(value)
+    except ValueError as e:
+        _fail(key, value, str(e))
 
 
 def _is_num(v) -> bool:
@@ -167,159 +235,251 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _get(cfg: CN, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def _num_in(cfg: CN, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    v = _get(cfg, key)
+    ok = _is_num(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    _require(ok, key, f"must be a finite number in {rng}", v)
 
 
-def validate_eapm_config(cfg: CN) -> None:
-    """Raise ``ValueError`` naming the key for any out-of-range EAPM-project value."""
-    _finite_nonneg(cfg, "MODEL.EAPM.CLS.MU")
-    _finite_nonneg(cfg, "MODEL.EAPM.REG.THETA")
-    _finite_nonneg(cfg, "MODEL.EAPM.HISTOGRAM_PERIOD")
+def _int_at_least(cfg: CN, key: str, lo: int) -> None:
+    v = _get(cfg, key)
+    _require(_is_int(v) and v >= lo, key, f"must be an integer >= {lo}", v)
+
+
+def _one_of(cfg: CN, key: str, choices: Sequence) -> None:
+    v = _get(cfg, key)
+    _require(v in choices, key, f"must be one of {tuple(choices)}", v)
+
+
+def validate_config(cfg: CN, *, training: bool = True, world_size: Optional[int] = None) -> None:
+    """Raise ``ValueError`` naming the key for any value the project's modules cannot
+    honour: out-of-range values, and switches the chosen (registered) classes do not
+    support. ``training`` adds the checks of a training job; ``world_size`` (the number
+    of processes) the checks of the batch per process."""
+    _validate_values(cfg)
+    _validate_capabilities(cfg)
+    if training:
+        _validate_training(cfg, world_size)
+
+
+def _validate_values(cfg: CN) -> None:
+    e = cfg.MODEL.EAPM
+    _checked(cfg, "MODEL.EAPM.CLS.MU", lambda v: check_eapm_param(v, "mu"))
+    _checked(cfg, "MODEL.EAPM.REG.THETA", lambda v: check_eapm_param(v, "theta"))
+    _int_at_least(cfg, "MODEL.EAPM.HISTOGRAM_PERIOD", 0)
+    _require(isinstance(e.COMPILE, bool), "MODEL.EAPM.COMPILE", "must be True or False", e.COMPILE)
     for k in ("ALPHA", "GAMMA", "BETA"):
-        _finite_pos(cfg, f"MODEL.BALANCED_L1.{k}")
-    opt = cfg.SOLVER.OPTIMIZER
-    _require(opt in ("SGD", "ADAMW"), "SOLVER.OPTIMIZER", "must be 'SGD' or 'ADAMW'", opt)
-    norm = cfg.MODEL.LOSS_NORMALIZER.TYPE
-    _require(norm in ("ema", "all_reduce"), "MODEL.LOSS_NORMALIZER.TYPE", "must be 'ema' or 'all_reduce'", norm)
-    rt = cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE
-    _require(rt in DENSE_BOX_LOSSES, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", f"must be one of {DENSE_BOX_LOSSES}", rt)
-    rb = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE
-    _require(rb in ROI_BOX_LOSSES, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", f"must be one of {ROI_BOX_LOSSES}", rb)
-    _require(
-        not (cfg.MODEL.EAPM.REG.ENABLED and "FCOS" in cfg.MODEL.META_ARCHITECTURE),
-        "MODEL.EAPM.REG.ENABLED",
-        "FCOS has no anchor deltas to modulate (EAPM regression is for anchor-based detectors)",
-        cfg.MODEL.EAPM.REG.ENABLED,
-    )
-    if cfg.MODEL.EAPM.REG.ENABLED:
-        arch = cfg.MODEL.META_ARCHITECTURE
-        key, loss = (
-            ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", rb)
-            if "RCNN" in arch
-            else ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", rt)
-        )
-        _require(
-            loss == "balanced_l1",
-            key,
-            "MODEL.EAPM.REG.ENABLED needs the 'balanced_l1' regression loss (EAPM modulates its deltas)",
-            loss,
-        )
+        _checked(cfg, f"MODEL.BALANCED_L1.{k}", lambda v: check_balanced_l1_params(**{k.lower(): v}))
+    _one_of(cfg, "SOLVER.OPTIMIZER", ("SGD", "ADAMW"))
+    _one_of(cfg, "MODEL.LOSS_NORMALIZER.TYPE", LOSS_NORMALIZERS)
+    _one_of(cfg, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
+    _one_of(cfg, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
+    # FCOS (EAPMFCOS reads these; detectron2's FCOS head checks none of them)
     fc = cfg.MODEL.FCOS
-    _require(
-        fc.BOX_LOSS_TYPE in FCOS_BOX_LOSSES, "MODEL.FCOS.BOX_LOSS_TYPE", f"must be one of {FCOS_BOX_LOSSES}", fc.BOX_LOSS_TYPE
-    )
-    _require(_is_int(fc.NUM_CLASSES) and fc.NUM_CLASSES >= 1, "MODEL.FCOS.NUM_CLASSES", "must be an integer >= 1", fc.NUM_CLASSES)
-    _require(_is_int(fc.NUM_CONVS) and fc.NUM_CONVS >= 1, "MODEL.FCOS.NUM_CONVS", "must be an integer >= 1", fc.NUM_CONVS)
+    _one_of(cfg, "MODEL.FCOS.BOX_LOSS_TYPE", FCOS_BOX_LOSSES)
+    _int_at_least(cfg, "MODEL.FCOS.NUM_CLASSES", 1)
+    _int_at_least(cfg, "MODEL.FCOS.NUM_CONVS", 1)
+    _int_at_least(cfg, "MODEL.FCOS.TOPK_CANDIDATES_TEST", 1)
     _require(
         isinstance(fc.IN_FEATURES, (list, tuple)) and len(fc.IN_FEATURES) > 0,
         "MODEL.FCOS.IN_FEATURES",
         "must be a non-empty list of backbone feature names",
         fc.IN_FEATURES,
     )
-    _finite_pos(cfg, "MODEL.FCOS.CENTER_SAMPLING_RADIUS")
-    p = fc.PRIOR_PROB
-    _require(_is_num(p) and 0 < p < 1, "MODEL.FCOS.PRIOR_PROB", "must be in (0, 1)", p)
-    st = fc.SCORE_THRESH_TEST
-    _require(_is_num(st) and 0 <= st < 1, "MODEL.FCOS.SCORE_THRESH_TEST", "must be in [0, 1)", st)
-    nt = fc.NMS_THRESH_TEST
-    _require(_is_num(nt) and 0 < nt <= 1, "MODEL.FCOS.NMS_THRESH_TEST", "must be in (0, 1]", nt)
-    k = fc.TOPK_CANDIDATES_TEST
-    _require(_is_int(k) and k >= 1, "MODEL.FCOS.TOPK_CANDIDATES_TEST", "must be an integer >= 1", k)
-    a = fc.FOCAL_LOSS_ALPHA
-    _require(_is_num(a) and a <= 1, "MODEL.FCOS.FOCAL_LOSS_ALPHA", "must be <= 1 (< 0 disables the weighting)", a)
-    _finite_nonneg(cfg, "MODEL.FCOS.FOCAL_LOSS_GAMMA")
-    _require(
-        fc.HEAD_NORM in ("", "GN", "BN", "SyncBN", "FrozenBN", "LN"), "MODEL.FCOS.HEAD_NORM", "unknown norm", fc.HEAD_NORM
-    )
-    if fc.HEAD_NORM == "GN" and "FCOS" in cfg.MODEL.META_ARCHITECTURE:
-        ch = cfg.MODEL.FPN.OUT_CHANNELS
-        _require(
-            ch % 32 == 0 and ch >= 64,
-            "MODEL.FCOS.HEAD_NORM",
-            f"'GN' (32 groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= 64, got {ch} (with 32 channels "
-            "each group holds one channel, which fails on the 1x1 P7 maps of small images); use HEAD_NORM ''",
-            fc.HEAD_NORM,
-        )
-    bfp = cfg.MODEL.BFP
-    _require(
-        bfp.REFINE_TYPE in ("non_local", "conv", "none"),
-        "MODEL.BFP.REFINE_TYPE",
-        "must be 'non_local', 'conv' or 'none'",
-        bfp.REFINE_TYPE,
-    )
-    _require(int(bfp.REFINE_LEVEL) >= 0, "MODEL.BFP.REFINE_LEVEL", "must be >= 0", bfp.REFINE_LEVEL)
-    bb = cfg.MODEL.BACKBONE.NAME
-    _require(
-        not bfp.ENABLED or bb.endswith("_bfp_backbone"),
-        "MODEL.BACKBONE.NAME",
-        "MODEL.BFP.ENABLED needs a BFP backbone builder (build_resnet_fpn_bfp_backbone or "
-        "build_retinanet_resnet_fpn_bfp_backbone); with this one BFP would silently be off",
-        bb,
-    )
-    rh = cfg.MODEL.ROI_HEADS
-    _require(int(rh.IOU_BALANCED_NUM_BINS) >= 0, "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", "must be >= 0", rh.IOU_BALANCED_NUM_BINS)
-    ff = rh.IOU_BALANCED_FLOOR_FRACTION
-    _require(0 <= ff <= 1, "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION", "must be in [0, 1]", ff)
+    _num_in(cfg, "MODEL.FCOS.CENTER_SAMPLING_RADIUS", 0, math.inf, True, True)
+    _num_in(cfg, "MODEL.FCOS.PRIOR_PROB", 0, 1, True, True)
+    _num_in(cfg, "MODEL.FCOS.SCORE_THRESH_TEST", 0, 1, False, True)
+    _num_in(cfg, "MODEL.FCOS.NMS_THRESH_TEST", 0, 1, True, False)
+    _num_in(cfg, "MODEL.FCOS.FOCAL_LOSS_ALPHA", -math.inf, 1, True, False)  # < 0: no weighting
+    _num_in(cfg, "MODEL.FCOS.FOCAL_LOSS_GAMMA", 0, math.inf, False, True)
+    _one_of(cfg, "MODEL.FCOS.HEAD_NORM", ("", "GN", "BN", "SyncBN", "FrozenBN", "LN"))
+    # BFP and Libra's sampler
+    from .modeling.bfp import check_refine_type
+
+    _checked(cfg, "MODEL.BFP.REFINE_TYPE", check_refine_type)
+    _int_at_least(cfg, "MODEL.BFP.REFINE_LEVEL", 0)
+    _int_at_least(cfg, "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", 0)
+    _num_in(cfg, "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION", 0, 1, False, False)
     for i, entry in enumerate(cfg.DATASETS.COCO_JSON):
         _require(
-            isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(e, str) for e in entry),
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(isinstance(x, str) for x in entry),
             f"DATASETS.COCO_JSON[{i}]",
             "each entry must be [name, json_file, image_root]",
             entry,
         )
 
 
-# detectron2's own meta-architectures and ROI heads: they never read MODEL.EAPM.* or
-# MODEL.BALANCED_L1.* (an EAPM switch there would be silently ignored)
-_D2_ARCHS = ("RetinaNet", "GeneralizedRCNN", "ProposalNetwork", "PanopticFPN", "SemanticSegmentor")
-_D2_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "CascadeROIHeads")
+def _registered(registry, key: str, name: str):
+    try:
+        return registry.get(name)
+    except KeyError:
+        _fail(key, name, f"not registered in detectron2's {registry._name} registry")
 
 
-def validate_train_config(cfg: CN) -> None:
-    """``validate_eapm_config`` plus the checks that concern a whole training job; raise
-    ``ValueError`` naming the key. Called by ``train_net.py`` before any process is
-    spawned and by ``EAPMTrainer`` before anything is built:
+def _validate_capabilities(cfg: CN) -> None:
+    """Each switched-on EAPM key must be honoured by the registered class that reads it."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
+    from detectron2.modeling.meta_arch import GeneralizedRCNN, RetinaNet
 
-    * the chosen meta-architecture / ROI heads must actually use the EAPM and balanced-L1
-      settings that are switched on (detectron2's ``RetinaNet`` would silently train the
-      plain focal loss; its ROI heads would fail at the first iteration on "balanced_l1");
-    * SOLVER.AMP.ENABLED needs CUDA: detectron2's AMPTrainer fails at the first iteration
-      on a CPU model.
-    """
-    validate_eapm_config(cfg)
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch in _D2_ARCHS:
-        _require(
-            not cfg.MODEL.EAPM.CLS.ENABLED,
-            "MODEL.META_ARCHITECTURE",
-            "MODEL.EAPM.CLS.ENABLED is True, but detectron2's meta-architectures ignore it (EAPM focal loss "
-            "is in 'EAPMRetinaNet' and 'EAPMFCOS')",
-            arch,
+    from .modeling.fcos import EAPMFCOS
+
+    arch_name = cfg.MODEL.META_ARCHITECTURE
+    arch = _registered(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", arch_name)
+    where = f"MODEL.META_ARCHITECTURE {arch_name!r} ({arch.__module__}.{arch.__qualname__})"
+    e = cfg.MODEL.EAPM
+    if e.CLS.ENABLED and not issubclass(arch, SupportsEAPMFocal):
+        _fail(
+            "MODEL.EAPM.CLS.ENABLED",
+            True,
+            f"{where} has no EAPM focal loss and would train without it; use 'EAPMRetinaNet' "
+            "or 'EAPMFCOS' (or a subclass)",
         )
-    reg = cfg.MODEL.EAPM.REG.ENABLED
-    if arch in ("RetinaNet", "ProposalNetwork", "SemanticSegmentor"):
-        _require(
-            not reg and not (arch == "RetinaNet" and cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE == "balanced_l1"),
-            "MODEL.META_ARCHITECTURE",
-            f"detectron2's {arch} has no 'balanced_l1' / EAPM box loss (MODEL.EAPM.REG.ENABLED would be ignored); "
-            "use 'EAPMRetinaNet'",
-            arch,
+    # the class that owns the box regression loss, and the key that selects its type
+    if issubclass(arch, GeneralizedRCNN):
+        heads_name = cfg.MODEL.ROI_HEADS.NAME
+        owner = _registered(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", heads_name)
+        owner_key, loss_key = "MODEL.ROI_HEADS.NAME", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
+        where = f"MODEL.ROI_HEADS.NAME {heads_name!r} ({owner.__module__}.{owner.__qualname__})"
+        use = "'LibraROIHeads' (or a subclass)"
+    else:
+        owner, owner_key = arch, "MODEL.META_ARCHITECTURE"
+        loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE" if issubclass(arch, RetinaNet) else None
+        use = "'EAPMRetinaNet' (or a subclass)"
+    supports_bl1 = issubclass(owner, SupportsEAPMBalancedL1)
+    if e.REG.ENABLED and not supports_bl1:
+        _fail(
+            "MODEL.EAPM.REG.ENABLED",
+            True,
+            f"{where} has no EAPM balanced L1 box loss and would train without it; use {use}",
         )
-    if arch in ("GeneralizedRCNN", "PanopticFPN") and cfg.MODEL.ROI_HEADS.NAME in _D2_ROI_HEADS:
-        _require(
-            not reg and cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE != "balanced_l1",
-            "MODEL.ROI_HEADS.NAME",
-            "detectron2's ROI heads have no 'balanced_l1' / EAPM box loss; use 'LibraROIHeads'",
-            cfg.MODEL.ROI_HEADS.NAME,
+    if loss_key and _get(cfg, loss_key) == "balanced_l1" and not supports_bl1:
+        _fail(owner_key, _get(cfg, owner_key), f"it has no 'balanced_l1' box loss ({loss_key}); use {use}")
+    if supports_bl1:
+        _checked(
+            cfg,
+            owner.box_loss_key,
+            lambda v: owner.check_box_loss(v, float(e.REG.THETA) if e.REG.ENABLED else 0.0),
         )
+    # BFP: only the BFP backbone builders read MODEL.BFP.*
+    bb = cfg.MODEL.BACKBONE.NAME
+    builder = _registered(BACKBONE_REGISTRY, "MODEL.BACKBONE.NAME", bb)
+    _require(
+        not cfg.MODEL.BFP.ENABLED or getattr(builder, "reads_bfp_config", False),
+        "MODEL.BACKBONE.NAME",
+        "MODEL.BFP.ENABLED needs a BFP backbone builder (build_resnet_fpn_bfp_backbone or "
+        "build_retinanet_resnet_fpn_bfp_backbone); with this one BFP would silently be off",
+        bb,
+    )
+    if issubclass(arch, EAPMFCOS) and cfg.MODEL.FCOS.HEAD_NORM == "GN":
+        ch = cfg.MODEL.FPN.OUT_CHANNELS
+        _require(
+            ch % 32 == 0 and ch >= 64,
+            "MODEL.FCOS.HEAD_NORM",
+            f"'GN' (32 groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= 64, got {ch} "
+            "(with 32 channels each group holds one channel, which fails on the 1x1 P7 maps of "
+            "small images); use HEAD_NORM ''",
+            "GN",
+        )
+
+
+def _head_norm_key(arch) -> Optional[str]:
+    """The key of the dense head's normalisation, for the classes that have one."""
+    from detectron2.modeling.meta_arch import RetinaNet
+
+    from .modeling.fcos import EAPMFCOS
+
+    if issubclass(arch, RetinaNet):
+        return "MODEL.RETINANET.NORM"
+    if issubclass(arch, EAPMFCOS):
+        return "MODEL.FCOS.HEAD_NORM"
+    return None
+
+
+def _validate_training(cfg: CN, world_size: Optional[int]) -> None:
+    from detectron2.modeling import META_ARCH_REGISTRY
+
     _require(
         not (cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"),
         "SOLVER.AMP.ENABLED",
-        "mixed-precision training (detectron2's AMPTrainer) needs CUDA, and MODEL.DEVICE is 'cpu' (set when no "
-        "GPU is available)",
+        "mixed-precision training (detectron2's AMPTrainer) needs CUDA, and MODEL.DEVICE is "
+        "'cpu' (set when no GPU is available)",
         cfg.SOLVER.AMP.ENABLED,
     )
+    if world_size is None or cfg.SOLVER.REFERENCE_WORLD_SIZE != 0:
+        return
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    # detectron2 asserts this only after the model and the dataset are loaded
+    _require(
+        batch % world_size == 0,
+        "SOLVER.IMS_PER_BATCH",
+        f"it is the total batch of all processes and must be divisible by their number "
+        f"({world_size} = --num-gpus x --num-machines)",
+        batch,
+    )
+    norm_key = _head_norm_key(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE))
+    per_process = batch // world_size
+    # BatchNorm on the 1x1 top level of one image fails deep inside torch at iteration 0
+    _require(
+        not (norm_key and _get(cfg, norm_key) == "BN" and per_process < 2),
+        "SOLVER.IMS_PER_BATCH",
+        f"the head's BatchNorm needs at least 2 images per process, got {per_process} "
+        f"({world_size} processes, {norm_key} 'BN'); use more images, or GN / SyncBN in the head",
+        batch,
+    )
+
+
+# ---------------------------------------------------------------------------
+# config -> constructor arguments
+# ---------------------------------------------------------------------------
+def eapm_kwargs(cfg: CN) -> Dict[str, Dict[str, Any]]:
+    """The constructor arguments that the config gives each EAPM module, by class name:
+    ``"EAPMRetinaNet"``, ``"EAPMFCOS"``, ``"EAPMFastRCNNOutputLayers"``,
+    ``"LibraROIHeads"``, ``"BalancedFeaturePyramid"`` (the latter None when
+    MODEL.BFP.ENABLED is False). The classes' ``from_config`` add them to detectron2's
+    own arguments; a disabled EAPM switch gives strength 0.0 (off)."""
+    e, b = cfg.MODEL.EAPM, cfg.MODEL.BALANCED_L1
+    mu = float(e.CLS.MU) if e.CLS.ENABLED else 0.0
+    theta = float(e.REG.THETA) if e.REG.ENABLED else 0.0
+    balanced_l1 = (float(b.ALPHA), float(b.GAMMA), float(b.BETA))
+    common = {"histogram_period": int(e.HISTOGRAM_PERIOD), "compile_kernels": bool(e.COMPILE)}
+    normalizer = cfg.MODEL.LOSS_NORMALIZER.TYPE
+    fc, rh = cfg.MODEL.FCOS, cfg.MODEL.ROI_HEADS
+    return {
+        "EAPMRetinaNet": dict(
+            eapm_cls_mu=mu,
+            eapm_reg_theta=theta,
+            balanced_l1=balanced_l1,
+            loss_normalizer=normalizer,
+            **common,
+        ),
+        "EAPMFCOS": dict(
+            eapm_cls_mu=mu,
+            box_loss_type=fc.BOX_LOSS_TYPE,
+            loss_normalizer=normalizer,
+            num_classes=fc.NUM_CLASSES,
+            center_sampling_radius=fc.CENTER_SAMPLING_RADIUS,
+            focal_loss_alpha=fc.FOCAL_LOSS_ALPHA,
+            focal_loss_gamma=fc.FOCAL_LOSS_GAMMA,
+            test_score_thresh=fc.SCORE_THRESH_TEST,
+            test_topk_candidates=fc.TOPK_CANDIDATES_TEST,
+            test_nms_thresh=fc.NMS_THRESH_TEST,
+            **common,
+        ),
+        "EAPMFastRCNNOutputLayers": dict(
+            eapm_reg_theta=theta, balanced_l1=balanced_l1, **common
+        ),
+        "LibraROIHeads": dict(
+            iou_balanced_num_bins=int(rh.IOU_BALANCED_NUM_BINS),
+            iou_balanced_floor_thresh=float(rh.IOU_BALANCED_FLOOR_THRESH),
+            iou_balanced_floor_fraction=float(rh.IOU_BALANCED_FLOOR_FRACTION),
+            instance_balanced_pos=bool(rh.INSTANCE_BALANCED_POS),
+        ),
+        "BalancedFeaturePyramid": (
+            dict(refine_level=int(cfg.MODEL.BFP.REFINE_LEVEL), refine_type=cfg.MODEL.BFP.REFINE_TYPE)
+            if cfg.MODEL.BFP.ENABLED
+            else None
+        ),
+    }

@@ -6,13 +6,11 @@ import contextlib
 import os
 
 import torch
-
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as _d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from .config import validate_train_config
 from .data import register_from_config
 
 __all__ = ["EAPMTrainer", "cpu_ddp"]
@@ -42,10 +40,12 @@ def cpu_ddp(enabled: bool):
 
 
 class EAPMTrainer(DefaultTrainer):
-    """DefaultTrainer + COCO evaluation + this project's datasets."""
+    """DefaultTrainer + COCO evaluation + this project's datasets.
+
+    ``cfg`` is expected to come from ``eapm.load_config`` (which validates it); a config
+    assembled by hand should be passed through ``eapm.validate_config`` first."""
 
     def __init__(self, cfg):
-        validate_train_config(cfg)  # before any data or model work
         register_from_config(cfg)
         with cpu_ddp(cfg.MODEL.DEVICE == "cpu"):
             super().__init__(cfg)
@@ -63,7 +63,9 @@ class EAPMTrainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
-        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
         return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod

@@ -4,7 +4,7 @@ based prediction modulation", Sec. 2).
 
 Pure torch, no detectron2 import.
 
-Gradient semantics (paper Sec. 2.1, DESIGN.md Sec. 2): the loss value is the base
+Gradient semantics (paper Sec. 2.1): the loss value is the base
 loss evaluated at the modulated prediction, and the gradient that reaches the raw
 network output is the *base* loss's gradient evaluated at the modulated point:
 
@@ -50,7 +50,9 @@ __all__ = [
     "eapm_focal_terms",
     "eapm_focal_loss_sum_with_stats",
     "check_eapm_param",
-    "set_compile",
+    "check_balanced_l1_params",
+    "clear_compiled_kernels",
+    "compiled_kernel_state",
 ]
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -148,29 +150,76 @@ def _attach(input: Tensor, value: Tensor, grad: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------
-# torch.compile of the single-pass kernels (optional, with an eager fallback)
+# the single-pass kernels: eager, or through torch.compile (per call, no global switch)
 # ----------------------------------------------------------------------------
+# Registry of the elementwise kernels, by name (filled at import, never changed after).
 _EAGER_KERNELS: Dict[str, Callable] = {}
-_COMPILED_KERNELS: Dict[str, Callable] = {}
-_COMPILE = {"enabled": False, "failed": False}
+# Cache of compiled kernels keyed by (kernel name, dynamic shapes): torch.compile'd once
+# per process. A value of None records that the compiler failed for that kernel: it runs
+# eagerly from then on (one warning names the error).
+_COMPILED_KERNELS: Dict[Tuple[str, bool], Optional[Callable]] = {}
 
 
-def set_compile(enabled: bool) -> None:
-    """Run the loss kernels through ``torch.compile`` (dynamic shapes: compiled once
-    per process and loss parameters, not per batch). If compilation fails the kernels
-    fall back to eager mode with one warning; both paths give the same results."""
-    _COMPILE["enabled"] = bool(enabled)
+def _compiler_errors() -> Tuple[type, ...]:
+    """The exception types that mean "the compiler could not build the kernel" (no C++
+    compiler, an unsupported platform or Python, a dynamo / inductor limitation), as
+    opposed to an error of the computation itself."""
+    errors = []
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errors.append(TorchDynamoException)  # BackendCompilerFailed, Unsupported, ...
+    except ImportError:  # pragma: no cover (torch without dynamo)
+        pass
+    try:
+        from torch._inductor import exc as inductor_exc
+
+        errors += [inductor_exc.CppCompileError, inductor_exc.InvalidCxxCompiler]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
 
 
-def compile_enabled() -> bool:
-    return _COMPILE["enabled"] and not _COMPILE["failed"]
+def clear_compiled_kernels() -> None:
+    """Forget every compiled kernel and every recorded compiler failure of this process
+    (the next ``compile_kernels=True`` call compiles again). For tests and benchmarks."""
+    _COMPILED_KERNELS.clear()
 
 
-# Elements per chunk of the eager kernels (1 MiB per float32 temporary). A kernel is
-# some 40 elementwise ops; run eagerly on a whole (anchors x classes) tensor, each
-# out-of-place op writes a fresh tensor of that size (new pages from the system, out of
-# cache): that made the eager focal loss 2.7x slower than fvcore's on 50000 x 80. Chunk
-# by chunk, the temporaries stay in cache (tools/benchmark.py measures the effect).
+def compiled_kernel_state(name: str) -> str:
+    """"not compiled", "compiled" or "failed (eager)" for the kernel ``name`` in this
+    process (``name``: one of the kernel names, e.g. "_focal_sum", "_bl1_kernel")."""
+    key = (name, True)
+    if key not in _COMPILED_KERNELS:
+        return "not compiled"
+    return "compiled" if _COMPILED_KERNELS[key] is not None else "failed (eager)"
+
+
+def _compiler_failed(name: str, error: BaseException) -> None:
+    _COMPILED_KERNELS[(name, True)] = None
+    warnings.warn(
+        f"torch.compile of the EAPM loss kernel {name} failed ({type(error).__name__}: {error}); "
+        "it runs in eager mode for the rest of this process (same results, slower)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _compiled(name: str) -> Optional[Callable]:
+    """The compiled kernel ``name`` (compiled on first use), or None where the compiler
+    failed for it."""
+    key = (name, True)
+    if key not in _COMPILED_KERNELS:
+        try:
+            _COMPILED_KERNELS[key] = torch.compile(_EAGER_KERNELS[name], dynamic=True)
+        except Exception as e:  # torch.compile refuses up front (platform, Python version)
+            _compiler_failed(name, e)
+    return _COMPILED_KERNELS[key]
+
+
+# Elements per chunk of the eager kernels on CPU (1 MiB per float32 temporary): each of a
+# kernel's elementwise ops writes a temporary, and chunk by chunk these stay in cache
+# instead of being fresh pages of the full (anchors x classes) size.
 _EAGER_CHUNK = 1 << 18
 
 
@@ -189,7 +238,7 @@ def _run_chunked(fn: Callable, *args):
     tensors = [a for a in args if isinstance(a, Tensor)]
     n = tensors[0].numel()
     # CPU only: on a GPU the caching allocator reuses freed blocks (nothing to gain), and
-    # each chunk would cost ~40 kernel launches
+    # each chunk would cost a kernel launch per op
     if tensors[0].device.type != "cpu" or n <= _EAGER_CHUNK or any(a.numel() != n for a in tensors):
         return fn(*args)
     shape = tensors[0].shape
@@ -200,7 +249,9 @@ def _run_chunked(fn: Callable, *args):
         part = fn(*(a[start:stop] if isinstance(a, Tensor) else a for a in flat))
         if outs is None:  # the first chunk is a full one: elementwise outputs have its length
             elementwise = [o.shape == (_EAGER_CHUNK,) for o in part]
-            outs = [o.new_empty(n) if ew else torch.zeros_like(o) for o, ew in zip(part, elementwise)]
+            outs = [
+                o.new_empty(n) if ew else torch.zeros_like(o) for o, ew in zip(part, elementwise)
+            ]
         for out, o, ew in zip(outs, part, elementwise):
             if ew:
                 out[start:stop] = o
@@ -209,18 +260,22 @@ def _run_chunked(fn: Callable, *args):
     return tuple(o.view(shape) if ew else o for o, ew in zip(outs, elementwise))
 
 
-def _run_kernel(name: str, *args):
-    # float32 math whatever the autocast state (the kernels only do elementwise work)
+def _run_kernel(name: str, compile_kernels: bool, *args):
+    """Runs the registered kernel ``name`` on ``args``, in float32 math whatever the
+    autocast state: through its compiled version when ``compile_kernels`` (and the
+    compiler works for it), else eagerly. A compiler error falls back to eager mode
+    (once per process and kernel, with a warning); any other error propagates."""
     with torch.autocast(device_type=args[0].device.type, enabled=False):
-        if compile_enabled():
-            fn = _COMPILED_KERNELS.get(name)
-            if fn is None:
-                fn = _COMPILED_KERNELS[name] = torch.compile(_EAGER_KERNELS[name], dynamic=True)
-            try:
-                return fn(*args)
-            except Exception as e:  # no compiler, unsupported platform, ...
-                _COMPILE["failed"] = True
-                warnings.warn(f"torch.compile of the EAPM loss kernels failed ({type(e).__name__}: {e}); using eager mode")
+        if compile_kernels:
+            fn = _compiled(name)
+            if fn is not None:
+                try:
+                    return fn(*args)
+                except _compiler_errors() as e:
+                    # an error of the computation itself raises again here, and propagates
+                    out = _run_chunked(_EAGER_KERNELS[name], *args)
+                    _compiler_failed(name, e)
+                    return out
         return _run_chunked(_EAGER_KERNELS[name], *args)
 
 
@@ -319,6 +374,8 @@ def eapm_sigmoid_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
+    *,
+    compile_kernels: bool = False,
 ) -> Tensor:
     """Focal loss (Lin et al.) at the EAPM-modulated probability (paper Sec. 2.2).
 
@@ -329,50 +386,80 @@ def eapm_sigmoid_focal_loss(
         alpha: positive weight in [0, 1]; ``alpha < 0`` disables the weighting.
         gamma: focusing parameter >= 0.
         reduction: "none" (per element), "sum" or "mean".
+        compile_kernels: run the fused kernel through ``torch.compile`` (compiled once
+            per process; same results as eager up to float rounding).
 
     The returned loss is float32 (float64 for float64 inputs). Its gradient w.r.t.
     ``inputs`` is the focal loss's gradient at the modulated logit.
     """
     _check_reduction(reduction)
     if reduction == "none":
-        return eapm_focal_terms(inputs, targets, mu, alpha, gamma)[0]
-    loss, _ = eapm_focal_loss_sum_with_stats(inputs, targets, mu, alpha, gamma)
+        return eapm_focal_terms(inputs, targets, mu, alpha, gamma, compile_kernels=compile_kernels)[0]
+    loss, _ = eapm_focal_loss_sum_with_stats(
+        inputs, targets, mu, alpha, gamma, compile_kernels=compile_kernels
+    )
     return loss / inputs.numel() if reduction == "mean" and inputs.numel() > 0 else loss
 
 
 def eapm_focal_loss_sum_with_stats(
-    inputs: Tensor, targets: Tensor, mu: float, alpha: float = 0.25, gamma: float = 2.0
+    inputs: Tensor,
+    targets: Tensor,
+    mu: float,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    *,
+    compile_kernels: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """Summed EAPM focal loss and the detached diagnostic sums (see ``_focal_sum``),
-    computed in one fused pass (compiled when ``set_compile(True)``)."""
-    loss, grad, stats = _run_kernel("_focal_sum", *_focal_args(inputs, targets, mu, alpha, gamma))
+    """Summed EAPM focal loss (a scalar, with the gradient semantics above) and the
+    detached float32 diagnostic sums ``[sum Dif over positives, over negatives, sum MF
+    over positives, over negatives, number of positives]``, computed in one fused pass."""
+    args = _focal_args(inputs, targets, mu, alpha, gamma)
+    loss, grad, stats = _run_kernel("_focal_sum", compile_kernels, *args)
     return _attach(inputs, loss, grad), stats
 
 
 def eapm_focal_terms(
-    inputs: Tensor, targets: Tensor, mu: float, alpha: float = 0.25, gamma: float = 2.0
+    inputs: Tensor,
+    targets: Tensor,
+    mu: float,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    *,
+    compile_kernels: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-element EAPM focal loss (with the gradient semantics above) plus the
-    detached attributes it was computed from: ``(loss, dif, mf)``. The detectors use
-    it to log diagnostics without recomputing the attributes."""
-    loss, grad, dif, mf = _run_kernel("_focal_terms", *_focal_args(inputs, targets, mu, alpha, gamma))
+    detached attributes it was computed from: ``(loss, dif, mf)``, each of the inputs'
+    shape (float32, or float64 for float64 inputs)."""
+    args = _focal_args(inputs, targets, mu, alpha, gamma)
+    loss, grad, dif, mf = _run_kernel("_focal_terms", compile_kernels, *args)
     return _attach(inputs, loss, grad), dif, mf
 
 
 def sigmoid_focal_loss(
-    inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    compile_kernels: bool = False,
 ) -> Tensor:
     """The plain focal loss, ``eapm_sigmoid_focal_loss`` with mu = 0."""
-    return eapm_sigmoid_focal_loss(inputs, targets, 0.0, alpha, gamma, reduction)
+    return eapm_sigmoid_focal_loss(
+        inputs, targets, 0.0, alpha, gamma, reduction, compile_kernels=compile_kernels
+    )
 
 
 # ----------------------------------------------------------------------------
 # balanced L1 loss
 # ----------------------------------------------------------------------------
-def _check_bl1_args(alpha: float, gamma: float, beta: float) -> None:
+def check_balanced_l1_params(alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0) -> None:
+    """Raise ``ValueError`` unless alpha, gamma and beta of the balanced L1 loss are
+    finite numbers > 0."""
     for name, v in (("alpha", alpha), ("gamma", gamma), ("beta", beta)):
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"balanced L1 {name} must be a finite number > 0, got {v}")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or v <= 0:
+            raise ValueError(f"balanced L1 {name} must be a finite number > 0, got {v!r}")
 
 
 def _balanced_l1_terms(d: Tensor, alpha: float, gamma: float, beta: float) -> Tuple[Tensor, Tensor]:
@@ -400,13 +487,16 @@ def balanced_l1_loss(
     gamma: float = 1.5,
     beta: float = 1.0,
     reduction: str = "none",
+    *,
+    compile_kernels: bool = False,
 ) -> Tensor:
-    """Balanced L1 loss (Pang et al., Libra R-CNN) with mmdetection's beta convention:
+    """Balanced L1 loss (Pang et al., Libra R-CNN) with mmdetection's beta convention,
+    on d = |input - target| elementwise (float32, or float64 for float64 inputs):
 
         d <  beta: alpha/b (b d + 1) ln(b d / beta + 1) - alpha d
         d >= beta: gamma d + gamma/b - alpha beta,          b = e^(gamma/alpha) - 1
     """
-    return _eapm_bl1(input, target, 0.0, alpha, gamma, beta, reduction, modulate=False)
+    return _eapm_bl1(input, target, 0.0, alpha, gamma, beta, reduction, False, compile_kernels)
 
 
 def eapm_balanced_l1_loss(
@@ -417,6 +507,8 @@ def eapm_balanced_l1_loss(
     gamma: float = 1.5,
     beta: float = 1.0,
     reduction: str = "none",
+    *,
+    compile_kernels: bool = False,
 ) -> Tensor:
     """Balanced L1 loss at the EAPM-modulated deltas (paper Sec. 2.3).
 
@@ -426,7 +518,7 @@ def eapm_balanced_l1_loss(
     """
     if input.shape[-1:] != (4,):
         raise ValueError(f"eapm_balanced_l1_loss expects (..., 4) box deltas, got {tuple(input.shape)}")
-    return _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate=True)
+    return _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, True, compile_kernels)
 
 
 @_kernel
@@ -443,10 +535,10 @@ def _bl1_kernel(t: Tensor, g: Tensor, wh: Optional[Tensor], theta: float, alpha:
     return (loss.sum() if reduce else loss), grad
 
 
-def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate):
+def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate, compile_kernels):
     theta = check_eapm_param(theta, "theta")
     _check_reduction(reduction)
-    _check_bl1_args(alpha, gamma, beta)
+    check_balanced_l1_params(alpha, gamma, beta)
     if input.shape != target.shape:
         raise ValueError(f"input {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape")
     t = _to_float(input).detach()
@@ -456,7 +548,8 @@ def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate):
     if modulate and theta > 0:
         wh = torch.zeros_like(t)
         wh[..., 2:] = 1.0
-    loss, grad = _run_kernel("_bl1_kernel", t, g, wh, theta, float(alpha), float(gamma), float(beta), reduce)
+    args = (t, g, wh, theta, float(alpha), float(gamma), float(beta), reduce)
+    loss, grad = _run_kernel("_bl1_kernel", compile_kernels, *args)
     loss = _attach(input, loss, grad)
     if reduction == "mean" and input.numel() > 0:
         loss = loss / input.numel()

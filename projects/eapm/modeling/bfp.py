@@ -14,24 +14,20 @@ The non-local block never materialises its HW x HW attention matrix: it calls
 ``torch.nn.functional.scaled_dot_product_attention`` (fused / flash kernels on CPU and
 GPU) with ``scale=1.0``, because Libra's block has no 1/sqrt(C) scaling. At 800x1333
 the P4 map is 50x84 = 4200 positions, so the materialised matrix is 4200^2 floats
-(~70 MB) per image, plus as much again for its softmax and their saved copies for the
-backward pass; ``tools/bench_libra.py`` measures the difference. The projections are
+per image, plus as much again for its softmax and their saved copies for the backward
+pass (``tools/benchmark.py --only bfp`` measures the difference). The projections are
 batched matmuls on the (N, HW, C) token view, so the map is not copied into token
 layout and back. ``NonLocalBlock2d.forward(x, fused=False)`` keeps the direct formula
 (same projections, materialised attention) for tests and the benchmark.
-Measured on CPU (torch 2.3, 2 threads, one 50x84x256 map): peak memory of the whole
-block 0.145x of the materialised one for inference and 0.189x for a training step, at
-about the same speed; on GPUs SDPA dispatches to the CUDA flash / memory-efficient
-kernels. The quickstart's 128 px images give an 8x8 P4 map, where none of this matters.
 
 Registered builders (``MODEL.BACKBONE.NAME``):
 
 * ``build_resnet_fpn_bfp_backbone``: detectron2's R-CNN FPN (P2-P6) + BFP;
 * ``build_retinanet_resnet_fpn_bfp_backbone``: RetinaNet's FPN (P3-P7) + BFP.
 
-Both read ``MODEL.BFP.{ENABLED, REFINE_LEVEL, REFINE_TYPE}``; with ``ENABLED: False``
-they return the plain FPN (an ablation switch). ``add_bfp(cfg, fpn)`` wraps any other
-FPN-like backbone.
+Both read ``MODEL.BFP.{ENABLED, REFINE_LEVEL, REFINE_TYPE}`` (through
+``eapm.config.eapm_kwargs``); with ``ENABLED: False`` they return the plain FPN (an
+ablation switch). ``add_bfp(cfg, fpn)`` wraps any other FPN-like backbone.
 """
 from __future__ import annotations
 
@@ -45,7 +41,10 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
 from torch import nn
 
+from ..config import eapm_kwargs
+
 __all__ = [
+    "check_refine_type",
     "NonLocalBlock2d",
     "BalancedFeaturePyramid",
     "add_bfp",
@@ -54,6 +53,13 @@ __all__ = [
 ]
 
 REFINE_TYPES = ("non_local", "conv", "none")
+
+
+def check_refine_type(refine_type: str) -> str:
+    """``refine_type`` if it is one of ``REFINE_TYPES``, else ``ValueError``."""
+    if refine_type not in REFINE_TYPES:
+        raise ValueError(f"refine_type must be one of {REFINE_TYPES}, got {refine_type!r}")
+    return refine_type
 
 
 class NonLocalBlock2d(nn.Module):
@@ -140,13 +146,11 @@ class BalancedFeaturePyramid(Backbone):
         num_levels = len(self.in_features)
         if not 0 <= refine_level < num_levels:
             raise ValueError(
-                f"MODEL.BFP.REFINE_LEVEL = {refine_level} is out of range for the "
+                f"refine_level (MODEL.BFP.REFINE_LEVEL) = {refine_level} is out of range for the "
                 f"{num_levels} levels {self.in_features}"
             )
-        if refine_type not in REFINE_TYPES:
-            raise ValueError(f"MODEL.BFP.REFINE_TYPE must be one of {REFINE_TYPES}, got {refine_type!r}")
         self.refine_level = refine_level
-        self.refine_type = refine_type
+        self.refine_type = check_refine_type(refine_type)
         c = channels.pop()
         if refine_type == "non_local":
             self.refine = NonLocalBlock2d(c)
@@ -197,19 +201,29 @@ class BalancedFeaturePyramid(Backbone):
 def add_bfp(cfg, fpn: Backbone) -> Backbone:
     """``fpn`` wrapped in a BFP configured by MODEL.BFP.*, or ``fpn`` itself when
     MODEL.BFP.ENABLED is false."""
-    if not cfg.MODEL.BFP.ENABLED:
+    kwargs = eapm_kwargs(cfg)["BalancedFeaturePyramid"]
+    if kwargs is None:
         logging.getLogger(__name__).info("MODEL.BFP.ENABLED is False: plain FPN, no BFP")
         return fpn
-    return BalancedFeaturePyramid(fpn, int(cfg.MODEL.BFP.REFINE_LEVEL), cfg.MODEL.BFP.REFINE_TYPE)
+    return BalancedFeaturePyramid(fpn, **kwargs)
+
+
+def _reads_bfp_config(builder):
+    """Marks a backbone builder that honours MODEL.BFP.* (the config validation asks the
+    registered builder for this attribute before MODEL.BFP.ENABLED is accepted)."""
+    builder.reads_bfp_config = True
+    return builder
 
 
 @BACKBONE_REGISTRY.register()
+@_reads_bfp_config
 def build_resnet_fpn_bfp_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet FPN (P2-P6, as Faster R-CNN) followed by a BFP (Libra R-CNN)."""
     return add_bfp(cfg, build_resnet_fpn_backbone(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()
+@_reads_bfp_config
 def build_retinanet_resnet_fpn_bfp_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's RetinaNet ResNet FPN (P3-P7) followed by a BFP (Libra RetinaNet)."""
     return add_bfp(cfg, build_retinanet_resnet_fpn_backbone(cfg, input_shape))

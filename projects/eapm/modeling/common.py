@@ -1,65 +1,78 @@
-"""Pieces shared by the EAPM dense detectors (RetinaNet, FCOS)."""
+"""Loss pieces shared by the EAPM detectors (RetinaNet, FCOS, the ROI box head).
+
+A strength of 0 (mu or theta) is the one way to say "EAPM off": the loss is then the
+base loss, computed by the function detectron2 uses (fvcore's focal loss) or by the
+plain balanced L1 kernel. Diagnostics never change which kernel computes a loss: the
+histograms are computed beside it, from the public attribute functions.
+"""
 from __future__ import annotations
 
 import torch
 from detectron2.utils import comm
-from fvcore.nn import sigmoid_focal_loss_jit
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import sigmoid_focal_loss_jit
 
+from ..config import LOSS_NORMALIZERS
 from ..losses import (
+    difficulty,
     eapm_balanced_l1_loss,
     eapm_focal_loss_sum_with_stats,
-    eapm_focal_terms,
     gap_over_sum,
     modulating_factor,
 )
 
-__all__ = ["dense_loss_normalizer", "dense_focal_loss_sum", "eapm_focal_loss_sum", "box_reg_balanced_l1"]
+__all__ = ["check_loss_normalizer", "dense_loss_normalizer", "dense_focal_loss_sum", "box_reg_balanced_l1"]
 
 
-def dense_loss_normalizer(model, num_pos: int, mode: str, name: str = "loss_normalizer", initial: float = 100.0) -> float:
-    """The number the dense losses are divided by.
+def check_loss_normalizer(mode: str) -> str:
+    """``mode`` if it is one of ``LOSS_NORMALIZERS``, else ``ValueError``."""
+    if mode not in LOSS_NORMALIZERS:
+        raise ValueError(f"loss_normalizer must be one of {LOSS_NORMALIZERS}, got {mode!r}")
+    return mode
+
+
+def dense_loss_normalizer(model, num_pos: int, mode: str, initial: float = 100.0) -> float:
+    """The number the dense losses are divided by (a float >= 1).
 
     "ema": detectron2's per-process exponential moving average of the positive count
-    (initial ``initial``, momentum 0.9), exactly as ``DenseDetector._ema_update``.
+    (initial ``initial``, momentum 0.9), through ``DenseDetector._ema_update``.
     "all_reduce": this iteration's positive count averaged over all processes
     (mmdetection's convention), at least 1."""
     if mode == "ema":
-        return model._ema_update(name, max(num_pos, 1), initial)
-    if mode == "all_reduce":
-        if comm.get_world_size() > 1:
-            t = torch.tensor([float(num_pos)], device=model.device)
-            torch.distributed.all_reduce(t)
-            num_pos = t.item() / comm.get_world_size()
-        return max(float(num_pos), 1.0)
-    raise ValueError(f"Unknown MODEL.LOSS_NORMALIZER.TYPE {mode!r}")
+        return model._ema_update("loss_normalizer", max(num_pos, 1), initial)
+    if comm.get_world_size() > 1:
+        t = torch.tensor([float(num_pos)], device=model.device)
+        torch.distributed.all_reduce(t)
+        num_pos = t.item() / comm.get_world_size()
+    return max(float(num_pos), 1.0)
 
 
-def dense_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period: int = 0):
-    """The summed classification loss of a dense head: detectron2's own (fvcore's
-    ``sigmoid_focal_loss_jit``, exactly as RetinaNet / FCOS call it) when ``mu`` is None,
-    else EAPM focal loss with diagnostics (``eapm_focal_loss_sum``)."""
-    if mu is None:
-        return sigmoid_focal_loss_jit(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="sum")
-    return eapm_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period)
+def dense_focal_loss_sum(
+    logits,
+    targets,
+    mu: float,
+    alpha: float,
+    gamma: float,
+    *,
+    histogram_period: int = 0,
+    compile_kernels: bool = False,
+    prefix: str = "eapm/cls",
+):
+    """The summed classification loss (a scalar) of a dense head on ``logits`` and
+    one-hot ``targets`` of the same shape.
 
-
-def eapm_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period: int = 0, prefix: str = "eapm/cls"):
-    """Summed EAPM focal loss; the means of Dif and MF over positives and negatives go
-    to the event storage (fused into the loss pass), and every ``hist_period``
-    iterations their histograms."""
+    ``mu == 0``: detectron2's own focal loss (fvcore's ``sigmoid_focal_loss_jit``, as
+    RetinaNet / FCOS call it). ``mu > 0``: EAPM focal loss; the means of Dif and MF over
+    the positives and the negatives go to the event storage every iteration (fused into
+    the loss pass), their histograms every ``histogram_period`` iterations."""
+    if mu == 0:
+        return sigmoid_focal_loss_jit(
+            logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="sum"
+        )
+    loss, stats = eapm_focal_loss_sum_with_stats(
+        logits, targets, mu, alpha, gamma, compile_kernels=compile_kernels
+    )
     storage = get_event_storage()
-    if hist_period > 0 and storage.iter % hist_period == 0:
-        loss, dif, mf = eapm_focal_terms(logits, targets, mu, alpha, gamma)
-        pos = targets > 0.5
-        for name, values in (("dif", dif), ("mf", mf)):
-            for part, mask in (("pos", pos), ("neg", ~pos)):
-                if mask.any():
-                    sel = values[mask]
-                    storage.put_scalar(f"{prefix}_{name}_{part}", float(sel.mean()))
-                    storage.put_histogram(f"{prefix}_{name}_{part}", sel)
-        return loss.sum()
-    loss, stats = eapm_focal_loss_sum_with_stats(logits, targets, mu, alpha, gamma)
     dif_pos, dif_neg, mf_pos, mf_neg, n_pos = stats.tolist()
     n_neg = logits.numel() - n_pos
     if n_pos > 0:
@@ -68,16 +81,34 @@ def eapm_focal_loss_sum(logits, targets, mu, alpha, gamma, hist_period: int = 0,
     if n_neg > 0:
         storage.put_scalar(f"{prefix}_dif_neg", dif_neg / n_neg)
         storage.put_scalar(f"{prefix}_mf_neg", mf_neg / n_neg)
+    if histogram_period > 0 and storage.iter % histogram_period == 0:
+        with torch.no_grad():
+            dif = difficulty(logits, targets)
+            mf = modulating_factor(dif, mu)
+            pos = targets > 0.5
+            for name, values in (("dif", dif), ("mf", mf)):
+                for part, mask in (("pos", pos), ("neg", ~pos)):
+                    if mask.any():
+                        storage.put_histogram(f"{prefix}_{name}_{part}", values[mask])
     return loss
 
 
-def box_reg_balanced_l1(pred_deltas, gt_deltas, theta, balanced_l1, histogram_period=0, prefix="eapm/reg"):
-    """Summed (EAPM) balanced L1 on (P, 4) deltas; with EAPM on, the mean GoS and MF of
-    the dw/dh components go to the event storage (histograms every ``histogram_period``)."""
+def box_reg_balanced_l1(
+    pred_deltas,
+    gt_deltas,
+    theta: float,
+    balanced_l1,
+    *,
+    histogram_period: int = 0,
+    compile_kernels: bool = False,
+    prefix: str = "eapm/reg",
+):
+    """Summed (EAPM) balanced L1 (a scalar) on (P, 4) deltas; ``balanced_l1`` is
+    (alpha, gamma, beta). ``theta == 0``: the plain balanced L1 loss. ``theta > 0``: the
+    mean GoS and MF of the dw/dh components go to the event storage (histograms every
+    ``histogram_period`` iterations)."""
     alpha, gamma, beta = balanced_l1
-    if theta is None:
-        return eapm_balanced_l1_loss(pred_deltas, gt_deltas, 0.0, alpha, gamma, beta, reduction="sum")
-    if pred_deltas.numel() > 0:
+    if theta > 0 and pred_deltas.numel() > 0:
         with torch.no_grad():
             gos = gap_over_sum(pred_deltas[:, 2:], gt_deltas[:, 2:])
             mf = modulating_factor(gos, theta)
@@ -87,4 +118,13 @@ def box_reg_balanced_l1(pred_deltas, gt_deltas, theta, balanced_l1, histogram_pe
             if histogram_period > 0 and storage.iter % histogram_period == 0:
                 storage.put_histogram(f"{prefix}_gos", gos.flatten())
                 storage.put_histogram(f"{prefix}_mf", mf.flatten())
-    return eapm_balanced_l1_loss(pred_deltas, gt_deltas, theta, alpha, gamma, beta, reduction="sum")
+    return eapm_balanced_l1_loss(
+        pred_deltas,
+        gt_deltas,
+        theta,
+        alpha,
+        gamma,
+        beta,
+        reduction="sum",
+        compile_kernels=compile_kernels,
+    )

@@ -24,8 +24,11 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
 
-from .common import dense_focal_loss_sum, dense_loss_normalizer
-from .retinanet import eapm_loss_kwargs
+from ..capabilities import SupportsEAPMFocal
+from ..config import FCOS_BOX_LOSSES, eapm_kwargs
+from ..losses import check_eapm_param
+from ..upstream import adapted_from
+from .common import check_loss_normalizer, dense_focal_loss_sum, dense_loss_normalizer
 
 __all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone"]
 
@@ -50,45 +53,51 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape):
 
 
 @META_ARCH_REGISTRY.register()
-class EAPMFCOS(FCOS):
+class EAPMFCOS(SupportsEAPMFocal, FCOS):
     """detectron2's FCOS whose classification loss can be EAPM focal loss.
 
-    Extra args (besides FCOS's):
-        eapm_cls_mu: mu of EAPM focal loss; None = detectron2's focal loss.
+    Extra args (besides FCOS's), checked here (``ValueError``):
+        eapm_cls_mu: mu >= 0 of EAPM focal loss; 0 = detectron2's focal loss.
         box_loss_type: "giou" (detectron2's FCOS), "diou" or "ciou", on decoded boxes.
         loss_normalizer: "ema" (detectron2: one EMA of the positive count, initial 300,
             shared by the three losses) or "all_reduce" (mmdetection: this iteration's
             positive count averaged over all processes).
         histogram_period: log histograms of Dif / MF every this many iterations.
+        compile_kernels: run this model's EAPM loss kernels through ``torch.compile``.
     """
 
     @configurable
     def __init__(
         self,
         *,
-        eapm_cls_mu=None,
-        box_loss_type="giou",
-        loss_normalizer="ema",
-        histogram_period=0,
+        eapm_cls_mu: float = 0.0,
+        box_loss_type: str = "giou",
+        loss_normalizer: str = "ema",
+        histogram_period: int = 0,
+        compile_kernels: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.eapm_cls_mu = eapm_cls_mu
+        if box_loss_type not in FCOS_BOX_LOSSES:
+            raise ValueError(f"box_loss_type must be one of {FCOS_BOX_LOSSES}, got {box_loss_type!r}")
+        self.eapm_cls_mu = check_eapm_param(eapm_cls_mu, "eapm_cls_mu")
         self.box_loss_type = box_loss_type
-        self.loss_normalizer_type = loss_normalizer
-        self.histogram_period = histogram_period
+        self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
+        self.histogram_period = int(histogram_period)
+        self.compile_kernels = bool(compile_kernels)
 
     @classmethod
     def from_config(cls, cfg):
-        common = eapm_loss_kwargs(cfg)  # validates first: a bad value fails before anything is built
+        kwargs = eapm_kwargs(cfg)["EAPMFCOS"]
         fc = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         missing = [f for f in fc.IN_FEATURES if f not in shapes]
         if missing:
             raise ValueError(
-                f"Invalid config MODEL.FCOS.IN_FEATURES = {list(fc.IN_FEATURES)!r}: {missing} not produced by "
-                f"the backbone (it gives {sorted(shapes)}); use MODEL.BACKBONE.NAME 'build_fcos_resnet_fpn_backbone'"
+                f"Invalid config MODEL.FCOS.IN_FEATURES = {list(fc.IN_FEATURES)!r}: {missing} not "
+                f"produced by the backbone (it gives {sorted(shapes)}); use MODEL.BACKBONE.NAME "
+                "'build_fcos_resnet_fpn_backbone'"
             )
         feature_shapes = [shapes[f] for f in fc.IN_FEATURES]
         head = FCOSHead(
@@ -102,46 +111,55 @@ class EAPMFCOS(FCOS):
             "backbone": backbone,
             "head": head,
             "head_in_features": list(fc.IN_FEATURES),
-            "num_classes": fc.NUM_CLASSES,
-            "center_sampling_radius": fc.CENTER_SAMPLING_RADIUS,
-            "focal_loss_alpha": fc.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": fc.FOCAL_LOSS_GAMMA,
-            "test_score_thresh": fc.SCORE_THRESH_TEST,
-            "test_topk_candidates": fc.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": fc.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "eapm_cls_mu": common["eapm_cls_mu"],
-            "box_loss_type": fc.BOX_LOSS_TYPE,
-            "loss_normalizer": common["loss_normalizer"],
-            "histogram_period": common["histogram_period"],
+            **kwargs,
         }
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
+    @adapted_from(FCOS.losses, "detectron2/modeling/meta_arch/fcos.py", "228fadb76de9d94c76c49fb2151264ceaefd34a4")
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
+    ):
         """Same inputs, outputs (``loss_fcos_cls/loc/ctr``) and normalisation as
-        ``FCOS.losses``; FCOS has no ignored locations."""
+        ``FCOS.losses``; the focal loss call, the box loss type and the normaliser are
+        EAPM's. FCOS has no ignored locations."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
         num_pos = pos_mask.sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_pos / num_images)
-        normalizer = dense_loss_normalizer(self, num_pos, self.loss_normalizer_type, initial=FCOS_NORMALIZER_INITIAL)
+        normalizer = dense_loss_normalizer(
+            self, num_pos, self.loss_normalizer_type, initial=FCOS_NORMALIZER_INITIAL
+        )
 
         # classification over every location; one-hot targets without the background column
         targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[:, :, :-1]
         logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
         loss_cls = dense_focal_loss_sum(
-            logits, targets, self.eapm_cls_mu, self.focal_loss_alpha, self.focal_loss_gamma, self.histogram_period
+            logits,
+            targets,
+            self.eapm_cls_mu,
+            self.focal_loss_alpha,
+            self.focal_loss_gamma,
+            histogram_period=self.histogram_period,
+            compile_kernels=self.compile_kernels,
         )
 
         loss_loc = _dense_box_regression_loss(
-            anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, pos_mask, box_reg_loss_type=self.box_loss_type
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type=self.box_loss_type,
         )
 
         ctr_targets = self.compute_ctrness_targets(anchors, gt_boxes)  # (N, R)
         ctr_pred = torch.cat(pred_centerness, dim=1).squeeze(dim=2)  # (N, R)
-        loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred[pos_mask], ctr_targets[pos_mask], reduction="sum")
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            ctr_pred[pos_mask], ctr_targets[pos_mask], reduction="sum"
+        )
         return {
             "loss_fcos_cls": loss_cls / normalizer,
             "loss_fcos_loc": loss_loc / normalizer,

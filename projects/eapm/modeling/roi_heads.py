@@ -28,51 +28,57 @@ from detectron2.config import configurable
 from detectron2.layers import nonzero_tuple
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.modeling.roi_heads import ROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
-from ..config import validate_eapm_config
+from ..capabilities import SupportsEAPMBalancedL1
+from ..config import eapm_kwargs
+from ..losses import check_balanced_l1_params, check_eapm_param
+from ..upstream import adapted_from
 from .common import box_reg_balanced_l1
 from .sampling import instance_balanced_positives, iou_balanced_negatives, random_subset
 
 __all__ = ["EAPMFastRCNNOutputLayers", "LibraROIHeads", "MaxIoUMatcher"]
 
 
-class EAPMFastRCNNOutputLayers(FastRCNNOutputLayers):
+class EAPMFastRCNNOutputLayers(SupportsEAPMBalancedL1, FastRCNNOutputLayers):
     """``FastRCNNOutputLayers`` + the (EAPM) balanced L1 box regression loss.
 
-    Extra args:
-        eapm_reg_theta: theta of EAPM; None = plain balanced L1.
-            Needs ``box_reg_loss_type="balanced_l1"``.
-        balanced_l1: (alpha, gamma, beta); Libra R-CNN uses (0.5, 1.5, 1.0).
-        histogram_period: log GoS / MF histograms every this many iterations.
+    Extra args, checked here (``ValueError``):
+        eapm_reg_theta: theta >= 0 of EAPM; 0 = plain balanced L1. > 0 needs
+            ``box_reg_loss_type="balanced_l1"``.
+        balanced_l1: (alpha, gamma, beta) > 0; Libra R-CNN uses (0.5, 1.5, 1.0).
+        histogram_period: log GoS / MF histograms every this many iterations (0 = never).
+        compile_kernels: run the balanced L1 kernel through ``torch.compile``.
     """
 
+    box_loss_key = "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
+
     @configurable
-    def __init__(self, input_shape, *, eapm_reg_theta=None, balanced_l1=(0.5, 1.5, 1.0), histogram_period=0, **kwargs):
+    def __init__(
+        self,
+        input_shape,
+        *,
+        eapm_reg_theta: float = 0.0,
+        balanced_l1: Tuple[float, float, float] = (0.5, 1.5, 1.0),
+        histogram_period: int = 0,
+        compile_kernels: bool = False,
+        **kwargs,
+    ):
         super().__init__(input_shape, **kwargs)
-        if eapm_reg_theta is not None and self.box_reg_loss_type != "balanced_l1":
-            raise ValueError(
-                "EAPM regression (MODEL.EAPM.REG.ENABLED) needs MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE "
-                f"'balanced_l1', got {self.box_reg_loss_type!r}"
-            )
+        self.eapm_reg_theta = check_eapm_param(eapm_reg_theta, "eapm_reg_theta")
+        self.check_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
         if self.box_reg_loss_type == "balanced_l1" and len(self.box2box_transform.weights) != 4:
             raise ValueError("the balanced L1 box loss supports axis-aligned boxes (4 deltas) only")
-        self.eapm_reg_theta = eapm_reg_theta
+        check_balanced_l1_params(*balanced_l1)
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
-        self.histogram_period = histogram_period
+        self.histogram_period = int(histogram_period)
+        self.compile_kernels = bool(compile_kernels)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        validate_eapm_config(cfg)
         ret = super().from_config(cfg, input_shape)
-        e = cfg.MODEL.EAPM
-        b = cfg.MODEL.BALANCED_L1
-        ret.update(
-            eapm_reg_theta=float(e.REG.THETA) if e.REG.ENABLED else None,
-            balanced_l1=(b.ALPHA, b.GAMMA, b.BETA),
-            histogram_period=int(e.HISTOGRAM_PERIOD),
-        )
+        ret.update(eapm_kwargs(cfg)["EAPMFastRCNNOutputLayers"])
         return ret
 
     def box_reg_loss(self, proposal_boxes, gt_boxes, pred_deltas, gt_classes):
@@ -86,7 +92,14 @@ class EAPMFastRCNNOutputLayers(FastRCNNOutputLayers):
         else:
             fg_pred = pred_deltas.view(-1, self.num_classes, 4)[fg, gt_classes[fg]]
         fg_target = self.box2box_transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
-        loss = box_reg_balanced_l1(fg_pred, fg_target, self.eapm_reg_theta, self.balanced_l1, self.histogram_period)
+        loss = box_reg_balanced_l1(
+            fg_pred,
+            fg_target,
+            self.eapm_reg_theta,
+            self.balanced_l1,
+            histogram_period=self.histogram_period,
+            compile_kernels=self.compile_kernels,
+        )
         return loss / max(gt_classes.numel(), 1.0)
 
 
@@ -109,7 +122,7 @@ class MaxIoUMatcher(Matcher):
 
 
 @ROI_HEADS_REGISTRY.register()
-class LibraROIHeads(StandardROIHeads):
+class LibraROIHeads(SupportsEAPMBalancedL1, StandardROIHeads):
     """``StandardROIHeads`` with Libra R-CNN's balanced sampling and the
     ``EAPMFastRCNNOutputLayers`` box predictor.
 
@@ -119,7 +132,11 @@ class LibraROIHeads(StandardROIHeads):
         iou_balanced_floor_thresh: negatives below it are sampled at random (< 0: none).
         iou_balanced_floor_fraction: fraction of the negatives drawn below the floor.
         instance_balanced_pos: positives spread evenly over the GT instances.
+
+    The box loss is ``EAPMFastRCNNOutputLayers``'s (balanced L1, EAPM regression).
     """
+
+    box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
 
     @configurable
     def __init__(
@@ -132,6 +149,12 @@ class LibraROIHeads(StandardROIHeads):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if int(iou_balanced_num_bins) < 0:
+            raise ValueError(f"iou_balanced_num_bins must be >= 0, got {iou_balanced_num_bins}")
+        if not 0 <= float(iou_balanced_floor_fraction) <= 1:
+            raise ValueError(
+                f"iou_balanced_floor_fraction must be in [0, 1], got {iou_balanced_floor_fraction}"
+            )
         if not isinstance(self.proposal_matcher, MaxIoUMatcher):
             self.proposal_matcher = MaxIoUMatcher.from_matcher(self.proposal_matcher)
         self.iou_balanced_num_bins = int(iou_balanced_num_bins)
@@ -141,15 +164,8 @@ class LibraROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        validate_eapm_config(cfg)
         ret = super().from_config(cfg, input_shape)
-        rh = cfg.MODEL.ROI_HEADS
-        ret.update(
-            iou_balanced_num_bins=rh.IOU_BALANCED_NUM_BINS,
-            iou_balanced_floor_thresh=rh.IOU_BALANCED_FLOOR_THRESH,
-            iou_balanced_floor_fraction=rh.IOU_BALANCED_FLOOR_FRACTION,
-            instance_balanced_pos=rh.INSTANCE_BALANCED_POS,
-        )
+        ret.update(eapm_kwargs(cfg)["LibraROIHeads"])
         return ret
 
     @classmethod
@@ -158,10 +174,16 @@ class LibraROIHeads(StandardROIHeads):
         ret["box_predictor"] = EAPMFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
+    @adapted_from(
+        ROIHeads._sample_proposals,
+        "detectron2/modeling/roi_heads/roi_heads.py",
+        "d9875a08eabd4164269d9960b9df310a77fa7f9e",
+    )
     def _sample_proposals(
         self, matched_idxs: torch.Tensor, matched_labels: torch.Tensor, gt_classes: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Same contract as ``StandardROIHeads._sample_proposals``."""
+        """Same contract as ``ROIHeads._sample_proposals``: the labelling is detectron2's,
+        the subsampling Libra's (detectron2's ``subsample_labels`` has no hook)."""
         if self.iou_balanced_num_bins == 0 and not self.instance_balanced_pos:
             return super()._sample_proposals(matched_idxs, matched_labels, gt_classes)
         bg = self.num_classes
