@@ -50,7 +50,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = EAPMTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         return EAPMTrainer.test(cfg, model)
     trainer = EAPMTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -64,7 +66,10 @@ def build_parser():
         nargs=3,
         action="append",
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-json dataset under NAME (repeatable); then use it in DATASETS.TRAIN/TEST",
+        help=(
+            "register a COCO-json dataset under NAME (repeatable); "
+            "then use it in DATASETS.TRAIN/TEST"
+        ),
     )
     return parser
 

@@ -1,5 +1,6 @@
 """Balanced Feature Pyramid: fused non-local == direct formula, identity at init,
 closed-form gather/integrate/scatter, shapes/strides, gradients, config errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -99,10 +100,16 @@ class _ConstFPN(torch.nn.Module):
     def output_shape(self):
         from detectron2.layers import ShapeSpec
 
-        return {f"p{i + 3}": ShapeSpec(channels=self.c, stride=2 ** (i + 3)) for i in range(len(self.sizes))}
+        return {
+            f"p{i + 3}": ShapeSpec(channels=self.c, stride=2 ** (i + 3))
+            for i in range(len(self.sizes))
+        }
 
     def __call__(self, x):
-        return {f"p{i + 3}": torch.full((1, self.c, s, s), v) for i, (s, v) in enumerate(zip(self.sizes, self.values))}
+        return {
+            f"p{i + 3}": torch.full((1, self.c, s, s), v)
+            for i, (s, v) in enumerate(zip(self.sizes, self.values))
+        }
 
 
 @pytest.mark.parametrize("refine_level", [0, 1, 4])
@@ -142,16 +149,20 @@ def test_bfp_gather_uses_max_pool_and_nearest():
 def test_bfp_backbone_shapes_and_grads(name, level, opts, refine):
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_backbone
-    from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
+    from detectron2.modeling.backbone.fpn import (
+        build_resnet_fpn_backbone,
+        build_retinanet_resnet_fpn_backbone,
+    )
 
-    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", name, "MODEL.BFP.ENABLED", True, "MODEL.BFP.REFINE_LEVEL", level,
-                   "MODEL.BFP.REFINE_TYPE", refine, *opts)  # fmt: skip
+    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", name, "MODEL.BFP.ENABLED", True,
+                   "MODEL.BFP.REFINE_LEVEL", level, "MODEL.BFP.REFINE_TYPE", refine,
+                   *opts)  # fmt: skip
     torch.manual_seed(0)
     bfp = build_backbone(cfg)
     assert isinstance(bfp, BalancedFeaturePyramid)
-    plain = (build_retinanet_resnet_fpn_backbone if "retinanet" in name else build_resnet_fpn_backbone)(
-        cfg, ShapeSpec(channels=3)
-    )
+    plain = (
+        build_retinanet_resnet_fpn_backbone if "retinanet" in name else build_resnet_fpn_backbone
+    )(cfg, ShapeSpec(channels=3))
     assert bfp.output_shape() == plain.output_shape()
     assert bfp.size_divisibility == plain.size_divisibility
     levels = [3, 4, 5, 6, 7] if "retinanet" in name else [2, 3, 4, 5, 6]
@@ -175,8 +186,9 @@ def test_bfp_backbone_shapes_and_grads(name, level, opts, refine):
 
 
 def test_bfp_nonlocal_params_get_grads_once_conv_out_moves():
-    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_bfp_backbone", "MODEL.BFP.ENABLED", True,
-                   "MODEL.BFP.REFINE_LEVEL", 1, *RETINA_OPTS)  # fmt: skip
+    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_bfp_backbone",
+                   "MODEL.BFP.ENABLED", True, "MODEL.BFP.REFINE_LEVEL", 1,
+                   *RETINA_OPTS)  # fmt: skip
     from detectron2.modeling import build_backbone
 
     bfp = build_backbone(cfg)
@@ -196,11 +208,18 @@ def test_bfp_disabled_gives_plain_fpn_and_config_errors():
     name = "build_retinanet_resnet_fpn_bfp_backbone"
     cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", name, "MODEL.BFP.ENABLED", False, *RETINA_OPTS)
     assert type(build_backbone(cfg)) is FPN
-    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_bfp_backbone", "MODEL.BFP.ENABLED", True,
-                   "MODEL.BFP.REFINE_LEVEL", 5, *RETINA_OPTS)  # fmt: skip
+    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_bfp_backbone",
+                   "MODEL.BFP.ENABLED", True, "MODEL.BFP.REFINE_LEVEL", 5,
+                   *RETINA_OPTS)  # fmt: skip
     with pytest.raises(ValueError, match="REFINE_LEVEL"):
         build_backbone(cfg)
-    cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone", "MODEL.BFP.ENABLED", True)
+    cfg = tiny_cfg(
+        None,
+        "MODEL.BACKBONE.NAME",
+        "build_retinanet_resnet_fpn_backbone",
+        "MODEL.BFP.ENABLED",
+        True,
+    )
     with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME"):
         eapm.validate_config(cfg)
     cfg = tiny_cfg(None, "MODEL.BFP.REFINE_TYPE", "attention")

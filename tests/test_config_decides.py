@@ -3,6 +3,7 @@ each model (no process-global switch), capabilities are asked of the registered
 classes (a user's subclass of an EAPM model works; a class that cannot honour a
 switched-on key is rejected naming the key, before anything is built), and the
 detectron2 bodies the project adapts are pinned to their upstream source."""
+
 from __future__ import annotations
 
 import math
@@ -159,7 +160,9 @@ def test_user_subclass_of_detectron2_retinanet_rejected_before_building(opts, ke
 
 
 def test_fcos_cannot_honour_eapm_regression():
-    with pytest.raises(ValueError, match=r"^Invalid config MODEL\.EAPM\.REG\.ENABLED = True: .*EAPMFCOS"):
+    with pytest.raises(
+        ValueError, match=r"^Invalid config MODEL\.EAPM\.REG\.ENABLED = True: .*EAPMFCOS"
+    ):
         eapm.load_config(f"{CONFIGS}/quickstart/eapm_fcos.yaml", ["MODEL.EAPM.REG.ENABLED", "True"])
 
 
@@ -173,7 +176,9 @@ def test_one_way_to_say_off():
     constructor arguments, the same loss path (detectron2's focal loss), the same values."""
     off = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.EAPM.CLS.ENABLED", False,
                    "MODEL.EAPM.REG.ENABLED", False)  # fmt: skip
-    zero = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.EAPM.CLS.MU", 0.0, "MODEL.EAPM.REG.THETA", 0.0)
+    zero = tiny_cfg(
+        "quickstart/eapm_retinanet.yaml", "MODEL.EAPM.CLS.MU", 0.0, "MODEL.EAPM.REG.THETA", 0.0
+    )
     assert eapm.eapm_kwargs(off)["EAPMRetinaNet"] == eapm.eapm_kwargs(zero)["EAPMRetinaNet"]
     a, b = build_model(off), build_model(zero)
     b.load_state_dict(a.state_dict())

@@ -4,6 +4,7 @@ loopback, and the all-reduced loss normaliser across processes.
 The runs use tiny COCO-json datasets (8 train / 4 val images of 64 px) and a tiny
 model, so each takes seconds; the model, trainer, launcher and evaluator are the real ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,18 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, make_batch, tiny_cfg
-from tinycoco import env, free_port, kill_group, read_metrics, run_train_net, tail, tiny_datasets, tiny_opts, train_net_cmd
+from tinycoco import (
+    env,
+    free_port,
+    kill_group,
+    read_metrics,
+    run_train_net,
+    tail,
+    tiny_datasets,
+    tiny_opts,
+    train_net_cmd,
+)
 
 CONFIG = ["--config-file", "configs/quickstart/eapm_retinanet.yaml"]
 # score threshold 0: the barely trained model still makes detections, so the evaluation
@@ -44,7 +54,12 @@ def test_train_net_two_processes_gloo(tiny_data, tmp_path):
     IMS_PER_BATCH 2 = one image per process, evaluation gathered on rank 0."""
     out = tmp_path / "out"
     proc = run_train_net(
-        "--num-gpus", "2", "--dist-url", "auto", *CONFIG, *tiny_data,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        *CONFIG,
+        *tiny_data,
         *tiny_opts(str(out), 4, str(tmp_path / "no_embedded"), **PREDICT),
     )
     assert proc.returncode == 0, tail(proc)
@@ -67,13 +82,35 @@ def test_two_machines_on_loopback_all_reduce_normalizer(tiny_data, tmp_path):
         out = tmp_path / f"machine{rank}"
         outs.append(out)
         cmd = train_net_cmd(
-            "--num-machines", "2", "--machine-rank", str(rank), "--num-gpus", "1", "--dist-url", url,
-            *CONFIG, *tiny_data,
-            *tiny_opts(str(out), 4, str(tmp_path / "no_embedded"), **PREDICT,
-                       **{"MODEL.LOSS_NORMALIZER.TYPE": "all_reduce"}),
+            "--num-machines",
+            "2",
+            "--machine-rank",
+            str(rank),
+            "--num-gpus",
+            "1",
+            "--dist-url",
+            url,
+            *CONFIG,
+            *tiny_data,
+            *tiny_opts(
+                str(out),
+                4,
+                str(tmp_path / "no_embedded"),
+                **PREDICT,
+                **{"MODEL.LOSS_NORMALIZER.TYPE": "all_reduce"},
+            ),
         )
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     deadline = time.time() + 240
     outputs = []
     try:
@@ -84,7 +121,9 @@ def test_two_machines_on_loopback_all_reduce_normalizer(tiny_data, tmp_path):
             if p.poll() is None:  # a rank that waits forever for a dead peer
                 kill_group(p)
     for rank, (p, (so, se)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"machine rank {rank}:\n{so[-3000:]}\n----- stderr -----\n{se[-4000:]}"
+        assert (
+            p.returncode == 0
+        ), f"machine rank {rank}:\n{so[-3000:]}\n----- stderr -----\n{se[-4000:]}"
     _check_results(outs[0])
     assert "World size: 2" in (outs[0] / "log.txt").read_text()
     assert not (outs[1] / "model_final.pth").exists()  # only rank 0 writes checkpoints
@@ -116,7 +155,13 @@ def _normaliser_worker(out_dir):
     # in the model: a different number of boxes (so of positive anchors) per process
     torch.manual_seed(0)
     # one image per process: no BatchNorm in the head (the 1x1 top level would have 1 value)
-    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce", "MODEL.RETINANET.NORM", "")
+    cfg = tiny_cfg(
+        "quickstart/eapm_retinanet.yaml",
+        "MODEL.LOSS_NORMALIZER.TYPE",
+        "all_reduce",
+        "MODEL.RETINANET.NORM",
+        "",
+    )
     model = build_model(cfg)
     batch = make_batch(num_images=1, num_boxes=(1 + 4 * rank,), seed=10 + rank)
     with EventStorage(0) as s:
@@ -147,4 +192,6 @@ def test_all_reduce_normalizer_is_mean_positive_count_across_processes(tmp_path)
         # all_reduce: loss_sum / mean_pos; ema (first iteration): loss_sum / (0.9 * 100 + 0.1 * n)
         ema_norm = 0.9 * 100 + 0.1 * n
         for k in ("loss_cls", "loss_box_reg"):
-            assert r["loss"][k] * mean_pos == pytest.approx(r["ema_loss"][k] * ema_norm, rel=1e-4), (k, r)
+            assert r["loss"][k] * mean_pos == pytest.approx(
+                r["ema_loss"][k] * ema_norm, rel=1e-4
+            ), (k, r)

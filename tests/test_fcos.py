@@ -1,4 +1,5 @@
 """EAPMFCOS: detectron2's FCOS built from yacs keys, with EAPM focal loss (issue #4)."""
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,9 @@ def test_registered_and_built_from_yacs(baseline):
 
     import eapm  # noqa: F401
 
-    assert "EAPMFCOS" in META_ARCH_REGISTRY and "build_fcos_resnet_fpn_backbone" in BACKBONE_REGISTRY
+    assert (
+        "EAPMFCOS" in META_ARCH_REGISTRY and "build_fcos_resnet_fpn_backbone" in BACKBONE_REGISTRY
+    )
     model, _ = baseline
     assert isinstance(model, FCOS) and model.eapm_cls_mu == 0.0
     shapes = model.backbone.output_shape()
@@ -83,7 +86,13 @@ def test_eapm_off_equals_detectron2_fcos(baseline):
     ours, state = baseline
     ours = twin(state)
     args = EAPMFCOS.from_config(fcos_cfg())
-    for k in ("eapm_cls_mu", "box_loss_type", "loss_normalizer", "histogram_period", "compile_kernels"):
+    for k in (
+        "eapm_cls_mu",
+        "box_loss_type",
+        "loss_normalizer",
+        "histogram_period",
+        "compile_kernels",
+    ):
         args.pop(k)
     ref = FCOS(**args)
     ref.load_state_dict(state)
@@ -108,7 +117,9 @@ def test_training_step_eapm_on_reaches_head_and_backbone():
         assert_finite(losses)
         sum(losses.values()).backward()
         logged = storage.latest()
-    norms = grad_norms(model, ["head.cls_score", "head.bbox_pred", "head.ctrness", "head.cls_subnet", "backbone"])
+    norms = grad_norms(
+        model, ["head.cls_score", "head.bbox_pred", "head.ctrness", "head.cls_subnet", "backbone"]
+    )
     assert all(v > 0 and math.isfinite(v) for v in norms.values()), norms
     assert "eapm/cls_mf_pos" in logged and "eapm/cls_dif_neg" in logged
 
@@ -184,7 +195,9 @@ def test_bad_config_raises_naming_the_key(key, value):
 def test_in_features_the_backbone_lacks_fail_when_built():
     """Only the built backbone knows its features: EAPMFCOS.from_config owns this check."""
     cfg = fcos_cfg("quickstart/eapm_fcos.yaml", "MODEL.FCOS.IN_FEATURES", ["p2", "p3"])
-    with pytest.raises(ValueError, match=r"MODEL\.FCOS\.IN_FEATURES = \['p2', 'p3'\]: \['p2'\] not produced"):
+    with pytest.raises(
+        ValueError, match=r"MODEL\.FCOS\.IN_FEATURES = \['p2', 'p3'\]: \['p2'\] not produced"
+    ):
         build(cfg)
 
 
@@ -204,16 +217,24 @@ def test_coco_configs_load():
     import eapm
 
     base = os.path.join(REPO, "configs", "COCO-Detection")
-    for name, mu in [("fcos_R_50_FPN_1x", None)] + [(f"fcos_R_50_FPN_1x_eapm_mu{m}", float(m)) for m in ("1.0", "1.5", "2.0")]:
+    for name, mu in [("fcos_R_50_FPN_1x", None)] + [
+        (f"fcos_R_50_FPN_1x_eapm_mu{m}", float(m)) for m in ("1.0", "1.5", "2.0")
+    ]:
         from detectron2.config import get_cfg
 
         cfg = eapm.add_eapm_config(get_cfg())
         cfg.merge_from_file(os.path.join(base, name + ".yaml"))
         eapm.validate_config(cfg)
         assert cfg.MODEL.META_ARCHITECTURE == "EAPMFCOS" and cfg.MODEL.FCOS.NUM_CLASSES == 80
-        assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.01, 90000)
+        assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (
+            16,
+            0.01,
+            90000,
+        )
         assert tuple(cfg.SOLVER.STEPS) == (60000, 80000)
-        assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+        assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == (
+            "coco_2017_val",
+        )
         assert cfg.MODEL.EAPM.CLS.ENABLED == (mu is not None)
         if mu is not None:
             assert cfg.MODEL.EAPM.CLS.MU == mu
@@ -236,9 +257,16 @@ def test_train_then_eval_only_through_train_net(tmp_path):
         "INPUT.MAX_SIZE_TEST", "64",
         "TEST.DETECTIONS_PER_IMAGE", "5",
     ]  # fmt: skip
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, "configs/quickstart/eapm_fcos.yaml")]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        os.path.join(REPO, "configs/quickstart/eapm_fcos.yaml"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    run = lambda args: subprocess.run(cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    run = lambda args: subprocess.run(
+        cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )  # noqa: E731
 
     # DATASETS.TEST () skips the evaluation DefaultTrainer runs after the last iteration
     r = run(common + ["SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST", "()"])
@@ -252,7 +280,18 @@ def test_train_then_eval_only_through_train_net(tmp_path):
     val["annotations"] = [a for a in val["annotations"] if a["image_id"] in keep]
     (tmp_path / "val16.json").write_text(json.dumps(val))
     subset = f"[['fcos_val16', '{tmp_path / 'val16.json'}', '{data / 'val'}']]"
-    r = run(["--eval-only"] + common + ["MODEL.WEIGHTS", str(weights), "DATASETS.COCO_JSON", subset, "DATASETS.TEST", "('fcos_val16',)"])
+    r = run(
+        ["--eval-only"]
+        + common
+        + [
+            "MODEL.WEIGHTS",
+            str(weights),
+            "DATASETS.COCO_JSON",
+            subset,
+            "DATASETS.TEST",
+            "('fcos_val16',)",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "inference" / "fcos_val16" / "coco_instances_results.json").is_file()
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in r.stdout + r.stderr

@@ -1,6 +1,7 @@
 """The fused loss kernels: compiled (torch.compile) and eager paths give the same
 results; only a compiler error falls back to eager (once, one warning); the eager
 kernels' chunking on CPU."""
+
 from __future__ import annotations
 
 import warnings
@@ -84,7 +85,10 @@ def test_compiler_error_falls_back_to_eager_once_with_one_warning(monkeypatch, f
         got = _run(x, t, p, q, compile_kernels=True)
     messages = [str(w.message) for w in record]
     assert len(messages) == 2, messages  # one per kernel: focal, balanced L1
-    assert "torch.compile of the EAPM loss kernel _focal_sum failed (BackendCompilerFailed" in messages[0]
+    assert (
+        "torch.compile of the EAPM loss kernel _focal_sum failed (BackendCompilerFailed"
+        in messages[0]
+    )
     assert "no C++ compiler" in messages[0]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -147,7 +151,9 @@ def test_eager_chunks_equal_one_pass(monkeypatch):
     monkeypatch.setattr(losses, "_EAGER_CHUNK", 1000)  # logits: 24 chunks; deltas: 1000 + 200
     calls = []
     orig = losses._EAGER_KERNELS["_focal_sum"]
-    monkeypatch.setitem(losses._EAGER_KERNELS, "_focal_sum", lambda *a: calls.append(a[0].shape) or orig(*a))
+    monkeypatch.setitem(
+        losses._EAGER_KERNELS, "_focal_sum", lambda *a: calls.append(a[0].shape) or orig(*a)
+    )
     got = _run(x, t, p, q)
     assert calls == [(1000,)] * 24, calls  # it was chunked
     for a, b in zip(got, want):

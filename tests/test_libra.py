@@ -1,5 +1,6 @@
 """EAPM with balanced L1 in the ROI box head, Libra R-CNN / Libra RetinaNet configs,
 and CPU training steps of both detectors."""
+
 from __future__ import annotations
 
 import glob
@@ -62,7 +63,9 @@ def test_roi_eapm_balanced_l1_hand_computed(storage):
     mf = 1 + math.tanh(1.0) - math.tanh(gos)
     assert abs(gos - 0.26817) < 1e-5 and abs(mf - 1.49967) < 1e-5
     dw = mf * (tw - 2.0)
-    expected = (_bl1_inlier(0.5) + _bl1_inlier(0.2) + _bl1_outlier(dw) + _bl1_inlier(0.5)) / 4  # 4 sampled ROIs
+    expected = (
+        _bl1_inlier(0.5) + _bl1_inlier(0.2) + _bl1_outlier(dw) + _bl1_inlier(0.5)
+    ) / 4  # 4 sampled ROIs
     assert abs(_bl1_inlier(0.5) - 0.4006) < 1e-4  # peers.md's reference value
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert storage.latest()["eapm/reg_mf"][0] == pytest.approx((mf + 1.0) / 2, rel=1e-6)  # dw, dh
@@ -86,7 +89,9 @@ def test_roi_balanced_l1_without_eapm_and_normaliser(storage):
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     # more background ROIs: same sum, divided by the number of sampled ROIs
     classes = torch.tensor([1, 3, 3, 3] + [3] * 4)
-    extra = layer.box_reg_loss(torch.cat([proposals, proposals]), torch.cat([gt, gt]), torch.cat([pred, pred]), classes)
+    extra = layer.box_reg_loss(
+        torch.cat([proposals, proposals]), torch.cat([gt, gt]), torch.cat([pred, pred]), classes
+    )
     assert extra.item() == pytest.approx(expected / 2, rel=1e-6)
     assert "eapm/reg_gos" not in storage.latest()
 
@@ -98,7 +103,9 @@ def test_roi_gos_invariant_to_box_weights(storage):
 
     from eapm.losses import gap_over_sum
 
-    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 40.0, 20.0], [2.0, 3.0, 9.0, 30.0]])
+    proposals = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 40.0, 20.0], [2.0, 3.0, 9.0, 30.0]]
+    )
     gt = torch.tensor([[-5.0, 1.0, 15.0, 12.0], [3.0, 6.0, 30.0, 25.0], [1.0, 1.0, 12.0, 20.0]])
     unit = torch.tensor([[0.05, -0.02, 0.4, 0.1], [0.1, 0.0, -0.3, 0.2], [-0.05, 0.03, 0.2, -0.1]])
     w = torch.tensor([10.0, 10.0, 5.0, 5.0])
@@ -127,13 +134,17 @@ def test_roi_no_foreground_and_empty(storage):
     assert losses["loss_box_reg"].item() == 0.0 and losses["loss_box_reg"].requires_grad
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
-    assert layer.bbox_pred.weight.grad.abs().sum() == 0 and layer.cls_score.weight.grad.abs().sum() > 0
+    assert (
+        layer.bbox_pred.weight.grad.abs().sum() == 0 and layer.cls_score.weight.grad.abs().sum() > 0
+    )
     # no ROI at all
     empty = Instances((32, 32))
     empty.proposal_boxes = Boxes(torch.zeros(0, 4))
     empty.gt_classes = torch.zeros(0, dtype=torch.long)
     none = torch.zeros(0, 4)
-    loss = layer.box_reg_loss(none, none, torch.zeros(0, 12, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    loss = layer.box_reg_loss(
+        none, none, torch.zeros(0, 12, requires_grad=True), torch.zeros(0, dtype=torch.long)
+    )
     assert loss.item() == 0.0 and loss.requires_grad
 
 
@@ -144,7 +155,11 @@ def test_roi_other_loss_types_defer_to_detectron2(storage):
 
     from eapm.modeling.roi_heads import EAPMFastRCNNOutputLayers
 
-    args = dict(box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)), num_classes=3, box_reg_loss_type="giou")
+    args = dict(
+        box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
+        num_classes=3,
+        box_reg_loss_type="giou",
+    )
     ours = EAPMFastRCNNOutputLayers(ShapeSpec(channels=8), **args)
     theirs = FastRCNNOutputLayers(ShapeSpec(channels=8), **args)
     proposals, gt, gt_classes, pred = _case()
@@ -156,7 +171,10 @@ def test_roi_other_loss_types_defer_to_detectron2(storage):
 
 # ------------------------------------------------------------------ configs
 NEW_CONFIGS = sorted(
-    [os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "COCO-Detection", "*libra*.yaml"))]
+    [
+        os.path.relpath(p, CONFIGS)
+        for p in glob.glob(os.path.join(CONFIGS, "COCO-Detection", "*libra*.yaml"))
+    ]
     + ["quickstart/libra_rcnn.yaml", "quickstart/eapm_libra_rcnn.yaml"]
 )
 EXPECTED = {  # name -> (mu, theta)
@@ -206,7 +224,9 @@ def test_config_loads_and_builds(path):
     if path.startswith("COCO"):
         depth = 101 if "R_101" in name else 50
         assert full.MODEL.RESNETS.DEPTH == depth and full.MODEL.WEIGHTS.endswith(f"R-{depth}.pkl")
-        assert full.DATASETS.TRAIN == ("coco_2017_train",) and full.DATASETS.TEST == ("coco_2017_val",)
+        assert full.DATASETS.TRAIN == ("coco_2017_train",) and full.DATASETS.TEST == (
+            "coco_2017_val",
+        )
         assert full.SOLVER.MAX_ITER == 90000 and tuple(full.SOLVER.STEPS) == (60000, 80000)
         assert full.SOLVER.IMS_PER_BATCH == 16 and full.SOLVER.BASE_LR == (0.02 if rcnn else 0.01)
         assert name in full.OUTPUT_DIR

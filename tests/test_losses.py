@@ -5,6 +5,7 @@ definitions (p' = p* + MF (p - p*), x' = logit(p'), FL / balanced L1 at the modu
 point, and the *base* loss's derivative at the modulated point by numerical
 differentiation), not from the implementation's own algebra.
 """
+
 from __future__ import annotations
 
 import math
@@ -137,7 +138,9 @@ def test_mu_zero_equals_fvcore_focal_float32():
         (go,) = torch.autograd.grad(ours.sum(), x)
         (gr,) = torch.autograd.grad(ref.sum(), x)
         torch.testing.assert_close(go, gr, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(sigmoid_focal_loss(x, t), fvcore_focal(x, t, alpha=0.25), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        sigmoid_focal_loss(x, t), fvcore_focal(x, t, alpha=0.25), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_focal_reductions_and_gamma_zero():
@@ -281,14 +284,21 @@ def test_balanced_l1_gradient_and_beta_quirk():
             assert _rel(gi, want) < 1e-7
     # mmdetection's quirk: with beta != 1 the slope at 0+ is alpha (1/beta - 1)
     tiny = torch.tensor([1e-9], dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(balanced_l1_loss(tiny, torch.zeros(1, dtype=torch.float64), beta=0.11).sum(), tiny)
+    (g,) = torch.autograd.grad(
+        balanced_l1_loss(tiny, torch.zeros(1, dtype=torch.float64), beta=0.11).sum(), tiny
+    )
     assert abs(float(g) - 0.5 * (1 / 0.11 - 1)) < 1e-6
 
 
 @pytest.mark.parametrize("theta", [0.0, 1.0, 1.5, 2.0])
 def test_eapm_balanced_l1_closed_form(theta):
     pred = torch.tensor(
-        [[0.1, -0.3, 0.7, -0.9], [1.5, 0.2, 0.05, 0.5], [0.0, 0.0, 0.0, 0.0], [-0.4, 2.0, -1.2, 0.8]],
+        [
+            [0.1, -0.3, 0.7, -0.9],
+            [1.5, 0.2, 0.05, 0.5],
+            [0.0, 0.0, 0.0, 0.0],
+            [-0.4, 2.0, -1.2, 0.8],
+        ],
         dtype=torch.float64,
         requires_grad=True,
     )

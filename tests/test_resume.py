@@ -1,6 +1,7 @@
 """Kill and resume: a training run is SIGKILLed right after a periodic checkpoint,
 restarted with --resume, continues from that iteration to the end, and nothing written
 before the kill (checkpoints, metrics.json lines, log) is lost."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO
 from tinycoco import env, read_metrics, run_train_net, tail, tiny_datasets, tiny_opts, train_net_cmd
 
@@ -31,7 +31,11 @@ def _last_checkpoint_iter(out):
         name = (out / "last_checkpoint").read_text().strip()
     except OSError:
         return -1
-    return int(name[len("model_"):-len(".pth")]) if name.startswith("model_") and name[6:-4].isdigit() else -1
+    return (
+        int(name[len("model_") : -len(".pth")])
+        if name.startswith("model_") and name[6:-4].isdigit()
+        else -1
+    )
 
 
 def _metrics_has(out, it):
@@ -45,11 +49,26 @@ def _metrics_has(out, it):
 def test_kill_and_resume(tmp_path):
     data = tiny_datasets(str(tmp_path / "data"))
     out = tmp_path / "out"
-    args = [*CONFIG, *data, *tiny_opts(str(out), MAX_ITER, str(tmp_path / "no_embedded"),
-                                       **{"SOLVER.CHECKPOINT_PERIOD": str(PERIOD)})]
+    args = [
+        *CONFIG,
+        *data,
+        *tiny_opts(
+            str(out),
+            MAX_ITER,
+            str(tmp_path / "no_embedded"),
+            **{"SOLVER.CHECKPOINT_PERIOD": str(PERIOD)},
+        ),
+    ]
     # own session: SIGKILL the whole process group, as a preempted node would
-    proc = subprocess.Popen(train_net_cmd(*args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        train_net_cmd(*args),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 200
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -91,4 +110,6 @@ def test_kill_and_resume(tmp_path):
     metrics = read_metrics(str(out))
     its = [m["iteration"] for m in metrics if "total_loss" in m]
     assert KILL_AFTER in its and its[-1] == MAX_ITER - 1 and its == sorted(its)
-    assert "bbox/AP" in metrics[-1]  # the final evaluation (detectron2 logs it at iteration MAX_ITER)
+    assert (
+        "bbox/AP" in metrics[-1]
+    )  # the final evaluation (detectron2 logs it at iteration MAX_ITER)

@@ -1,5 +1,6 @@
 """EAPMRetinaNet: equality with detectron2's RetinaNet, training steps, empty images,
 config validation, diagnostics."""
+
 from __future__ import annotations
 
 import math
@@ -67,12 +68,21 @@ def test_training_step_finite_with_grads_in_head_and_backbone():
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    norms = grad_norms(model, ["backbone.bottom_up", "backbone.fpn_lateral3", "head.cls_score", "head.bbox_pred"])
+    norms = grad_norms(
+        model, ["backbone.bottom_up", "backbone.fpn_lateral3", "head.cls_score", "head.bbox_pred"]
+    )
     for k, v in norms.items():
         assert v > 0 and math.isfinite(v), (k, v)
     # diagnostics in the event storage
     latest = storage.latest()
-    for key in ("eapm/cls_dif_pos", "eapm/cls_dif_neg", "eapm/cls_mf_pos", "eapm/cls_mf_neg", "eapm/reg_gos", "eapm/reg_mf"):
+    for key in (
+        "eapm/cls_dif_pos",
+        "eapm/cls_dif_neg",
+        "eapm/cls_mf_pos",
+        "eapm/cls_mf_neg",
+        "eapm/reg_gos",
+        "eapm/reg_mf",
+    ):
         assert key in latest, key
     assert 1.0 <= latest["eapm/cls_mf_neg"][0] <= 1 + math.tanh(1.5)
     assert 0.0 <= latest["eapm/reg_gos"][0] <= 1.0
@@ -83,7 +93,9 @@ def test_histograms_logged_every_period(monkeypatch):
     batch = make_batch(2, num_boxes=(3,))
     logged = []
     monkeypatch.setattr(
-        EventStorage, "put_histogram", lambda self, tag, values, **kw: logged.append((self.iter, tag, values))
+        EventStorage,
+        "put_histogram",
+        lambda self, tag, values, **kw: logged.append((self.iter, tag, values)),
     )
     for it in (0, 1, 2):
         with EventStorage(it):
@@ -177,7 +189,9 @@ def test_inference_is_detectron2_retinanet_inference():
     RetinaNet's detections exactly."""
     cfg = tiny_cfg(EAPM_RETINA, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0)
     ours = build_model(cfg)
-    cfg_d2 = tiny_cfg(RETINA, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.META_ARCHITECTURE", "RetinaNet")
+    cfg_d2 = tiny_cfg(
+        RETINA, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.META_ARCHITECTURE", "RetinaNet"
+    )
     theirs = build_model(cfg_d2)
     theirs.load_state_dict(ours.state_dict())
     ours.eval(), theirs.eval()
@@ -196,7 +210,8 @@ def test_inference_is_detectron2_retinanet_inference():
 
 @pytest.mark.parametrize(
     "name,mu",
-    [("retinanet_R_50_FPN_1x", None)] + [(f"retinanet_R_50_FPN_1x_eapm_mu{m}", m) for m in ("1.0", "1.5", "2.0")],
+    [("retinanet_R_50_FPN_1x", None)]
+    + [(f"retinanet_R_50_FPN_1x_eapm_mu{m}", m) for m in ("1.0", "1.5", "2.0")],
 )
 def test_coco_configs_build(name, mu):
     cfg = tiny_cfg(f"COCO-Detection/{name}.yaml")

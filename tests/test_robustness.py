@@ -1,6 +1,7 @@
 """Bad input and numerics: invalid configs fail fast naming the key, broken COCO-json
 datasets fail naming the file and annotation (or are handled as documented), mixed
 precision, EAPM never turning a finite loss non-finite, and determinism."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, grad_norms, make_batch, tiny_cfg
 from tinycoco import dump, make_coco, read_metrics, run_train_net, tail, tiny_opts
 
@@ -20,7 +20,9 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart", "eapm_retinanet.yaml")
 
 
 def _train_net_module():
-    spec = importlib.util.spec_from_file_location("eapm_train_net", os.path.join(REPO, "train_net.py"))
+    spec = importlib.util.spec_from_file_location(
+        "eapm_train_net", os.path.join(REPO, "train_net.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -55,7 +57,8 @@ BAD_OPTS = [
     (["MODEL.BALANCED_L1.GAMMA", "-1.5"], "MODEL.BALANCED_L1.GAMMA"),
     (["MODEL.BALANCED_L1.BETA", "1e999"], "MODEL.BALANCED_L1.BETA"),
     (["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "l2"], "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"),
-    (["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_L1"], "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"),
+    (["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_L1"],
+     "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"),
     (["MODEL.FCOS.BOX_LOSS_TYPE", "smooth_l1"], "MODEL.FCOS.BOX_LOSS_TYPE"),
     (["MODEL.LOSS_NORMALIZER.TYPE", "sum"], "MODEL.LOSS_NORMALIZER.TYPE"),
     (["MODEL.EAPM.CLS.MUU", "1.0"], "MODEL.EAPM.CLS.MUU"),  # typo: yacs "Non-existent key"
@@ -64,7 +67,8 @@ BAD_OPTS = [
     # EAPM switched on for detectron2's own RetinaNet: would silently train without EAPM
     (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.REG.ENABLED", "False",
       "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "smooth_l1"], "MODEL.EAPM.CLS.ENABLED"),
-    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.CLS.ENABLED", "False"], "MODEL.EAPM.REG.ENABLED"),
+    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.CLS.ENABLED", "False"],
+     "MODEL.EAPM.REG.ENABLED"),
     (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.EAPM.CLS.ENABLED", "False",
       "MODEL.EAPM.REG.ENABLED", "False"], "MODEL.META_ARCHITECTURE"),
     # detectron2's ROI heads with balanced L1: would fail only at the first iteration
@@ -76,7 +80,11 @@ BAD_OPTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("opts,key", BAD_OPTS, ids=[" ".join(o[:2]) + (" ..." if len(o) > 2 else "") for o, _ in BAD_OPTS])
+@pytest.mark.parametrize(
+    "opts,key",
+    BAD_OPTS,
+    ids=[" ".join(o[:2]) + (" ..." if len(o) > 2 else "") for o, _ in BAD_OPTS],
+)
 def test_bad_config_rejected_naming_key(train_net, opts, key):
     args = train_net.build_parser().parse_args(["--config-file", QUICKSTART, *opts])
     with pytest.raises((ValueError, KeyError, AssertionError)) as e:  # yacs asserts on unknown keys
@@ -88,8 +96,20 @@ def test_bad_config_rejected_naming_key(train_net, opts, key):
 
 def test_total_batch_not_divisible_by_processes(train_net):
     args = train_net.build_parser().parse_args(
-        ["--num-gpus", "2", "--num-machines", "2", "--config-file", QUICKSTART, "SOLVER.IMS_PER_BATCH", "6"])
-    with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH = 6: .* divisible by their number \(4 = "):
+        [
+            "--num-gpus",
+            "2",
+            "--num-machines",
+            "2",
+            "--config-file",
+            QUICKSTART,
+            "SOLVER.IMS_PER_BATCH",
+            "6",
+        ]
+    )
+    with pytest.raises(
+        ValueError, match=r"SOLVER.IMS_PER_BATCH = 6: .* divisible by their number \(4 = "
+    ):
         train_net.load_config(args)
     args.opts += ["SOLVER.IMS_PER_BATCH", "8"]
     train_net.load_config(args)
@@ -99,14 +119,19 @@ def test_batchnorm_head_needs_two_images_per_process(train_net):
     """The quickstart head uses BN: one image per process would fail inside torch on the
     1x1 top level at iteration 0; it is rejected up front instead."""
     args = train_net.build_parser().parse_args(
-        ["--num-gpus", "4", "--config-file", QUICKSTART, "SOLVER.IMS_PER_BATCH", "4"])
-    with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH = 4: the head's BatchNorm needs at least 2 images"):
+        ["--num-gpus", "4", "--config-file", QUICKSTART, "SOLVER.IMS_PER_BATCH", "4"]
+    )
+    with pytest.raises(
+        ValueError, match=r"SOLVER.IMS_PER_BATCH = 4: the head's BatchNorm needs at least 2 images"
+    ):
         train_net.load_config(args)
     args.opts += ["MODEL.RETINANET.NORM", "GN"]
     train_net.load_config(args)
 
 
-@pytest.mark.parametrize("yaml_value,key", [(".nan", "MODEL.EAPM.REG.THETA"), (".inf", "MODEL.BALANCED_L1.BETA")])
+@pytest.mark.parametrize(
+    "yaml_value,key", [(".nan", "MODEL.EAPM.REG.THETA"), (".inf", "MODEL.BALANCED_L1.BETA")]
+)
 def test_non_finite_values_from_yaml_rejected(train_net, tmp_path, yaml_value, key):
     """YAML can spell nan / inf as floats (yacs' type check lets them through)."""
     *parents, leaf = key.split(".")
@@ -133,7 +158,9 @@ def test_good_configs_pass(train_net):
         # the file's own values arrive (not only the defaults)
         assert cfg.MODEL.META_ARCHITECTURE in ("EAPMRetinaNet", "EAPMFCOS", "GeneralizedRCNN"), f
     # AMP is only checked for training; --eval-only ignores it
-    args = train_net.build_parser().parse_args(["--config-file", QUICKSTART, "--eval-only", "SOLVER.AMP.ENABLED", "True"])
+    args = train_net.build_parser().parse_args(
+        ["--config-file", QUICKSTART, "--eval-only", "SOLVER.AMP.ENABLED", "True"]
+    )
     assert train_net.load_config(args).SOLVER.AMP.ENABLED is True
 
 
@@ -145,14 +172,27 @@ def test_good_configs_pass(train_net):
         ([], ["MODEL.BALANCED_L1.BETA", "0.0"], "MODEL.BALANCED_L1.BETA"),
         ([], ["MODEL.LOSS_NORMALIZER.TYPE", "sum"], "MODEL.LOSS_NORMALIZER.TYPE"),
         # with several processes the check runs before any is spawned
-        (["--num-gpus", "2", "--dist-url", "auto"], ["MODEL.EAPM.REG.THETA", "-1.0"], "MODEL.EAPM.REG.THETA"),
+        (
+            ["--num-gpus", "2", "--dist-url", "auto"],
+            ["MODEL.EAPM.REG.THETA", "-1.0"],
+            "MODEL.EAPM.REG.THETA",
+        ),
     ],
 )
 def test_train_net_fails_fast(tmp_path, launcher, opts, key):
     out, data = tmp_path / "out", tmp_path / "embedded"
     t0 = time.time()
-    proc = run_train_net(*launcher, "--config-file", QUICKSTART, *opts, "OUTPUT_DIR", str(out),
-                         "DATASETS.EMBEDDED_ROOT", str(data), timeout=120)
+    proc = run_train_net(
+        *launcher,
+        "--config-file",
+        QUICKSTART,
+        *opts,
+        "OUTPUT_DIR",
+        str(out),
+        "DATASETS.EMBEDDED_ROOT",
+        str(data),
+        timeout=120,
+    )
     elapsed = time.time() - t0
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
@@ -189,14 +229,21 @@ def test_missing_image_file(tmp_path):
         _get(name)
 
 
-@pytest.mark.parametrize("bbox", [[5.0, 5.0, -3.0, 10.0], [5.0, 5.0, 10.0, -0.5], [5.0, float("nan"), 10.0, 10.0]])
+@pytest.mark.parametrize(
+    "bbox", [[5.0, 5.0, -3.0, 10.0], [5.0, 5.0, 10.0, -0.5], [5.0, float("nan"), 10.0, 10.0]]
+)
 def test_box_of_negative_size_or_non_finite(tmp_path, bbox):
     coco = make_coco(str(tmp_path), "imgs", num_images=2)
     coco["annotations"][1]["bbox"] = bbox
     ann_id = coco["annotations"][1]["id"]
-    fname = [im["file_name"] for im in coco["images"] if im["id"] == coco["annotations"][1]["image_id"]][0]
+    fname = [
+        im["file_name"] for im in coco["images"] if im["id"] == coco["annotations"][1]["image_id"]
+    ][0]
     name, js = _register(tmp_path, coco, "negbox")
-    with pytest.raises(ValueError, match=rf"\({re.escape(js)}\): annotation {ann_id} of .*{fname} has an invalid box"):
+    with pytest.raises(
+        ValueError,
+        match=rf"\({re.escape(js)}\): annotation {ann_id} of .*{fname} has an invalid box",
+    ):
         _get(name)
 
 
@@ -205,8 +252,12 @@ def test_unknown_category_id(tmp_path):
     coco["annotations"][2]["category_id"] = 7
     ann = coco["annotations"][2]
     name, js = _register(tmp_path, coco, "unknowncat")
-    with pytest.raises(ValueError, match=rf"\({re.escape(js)}\): annotation {ann['id']} of image 00{ann['image_id'] - 1}\.png has "
-                                         r"category_id 7, which is not among the file's 'categories' \(ids \[1, 2\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"\({re.escape(js)}\): annotation {ann['id']} "
+        rf"of image 00{ann['image_id'] - 1}\.png has "
+        r"category_id 7, which is not among the file's 'categories' \(ids \[1, 2\]\)",
+    ):
         _get(name)
 
 
@@ -219,7 +270,9 @@ def test_no_categories_or_invalid_json(tmp_path):
         _register(tmp_path, coco, "nocats")
     (tmp_path / "broken.json").write_text('{"images": [')
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
-        register_coco_json("robust_broken_json", str(tmp_path / "broken.json"), str(tmp_path / "imgs"))
+        register_coco_json(
+            "robust_broken_json", str(tmp_path / "broken.json"), str(tmp_path / "imgs")
+        )
 
 
 def test_category_ids_from_zero_are_mapped_to_contiguous_ids(tmp_path):
@@ -245,14 +298,32 @@ def test_train_and_evaluate_ids_from_zero_and_images_without_annotations(tmp_pat
     annotation (FILTER_EMPTY_ANNOTATIONS False): trains with finite losses and writes
     results with the file's category ids."""
     root = str(tmp_path)
-    train = make_coco(root, "train", num_images=6, seed=3, cat_ids=(0, 3), boxes_per_image=(2, 0, 0))
+    train = make_coco(
+        root, "train", num_images=6, seed=3, cat_ids=(0, 3), boxes_per_image=(2, 0, 0)
+    )
     val = make_coco(root, "val", num_images=2, seed=4, cat_ids=(0, 3), boxes_per_image=(2,))
-    reg = ["--register-coco", "z_train", dump(train, f"{root}/train.json"), f"{root}/train",
-           "--register-coco", "z_val", dump(val, f"{root}/val.json"), f"{root}/val"]
+    reg = [
+        "--register-coco",
+        "z_train",
+        dump(train, f"{root}/train.json"),
+        f"{root}/train",
+        "--register-coco",
+        "z_val",
+        dump(val, f"{root}/val.json"),
+        f"{root}/val",
+    ]
     out = tmp_path / "out"
-    opts = tiny_opts(str(out), 4, str(tmp_path / "no_embedded"), **{
-        "DATASETS.TRAIN": "('z_train',)", "DATASETS.TEST": "('z_val',)",
-        "DATALOADER.FILTER_EMPTY_ANNOTATIONS": "False", "MODEL.RETINANET.SCORE_THRESH_TEST": "0.0"})
+    opts = tiny_opts(
+        str(out),
+        4,
+        str(tmp_path / "no_embedded"),
+        **{
+            "DATASETS.TRAIN": "('z_train',)",
+            "DATASETS.TEST": "('z_val',)",
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS": "False",
+            "MODEL.RETINANET.SCORE_THRESH_TEST": "0.0",
+        },
+    )
     proc = run_train_net("--config-file", QUICKSTART, *reg, *opts, timeout=240)
     assert proc.returncode == 0, tail(proc)
     assert "Removed" not in (out / "log.txt").read_text()  # no image was filtered out
@@ -274,13 +345,21 @@ def test_eapm_losses_compute_in_float32_for_half_inputs(dtype):
     t = (torch.rand(256, 4, generator=g) < 0.3).to(dtype)
     gt = torch.randn(256, 4, generator=g).to(dtype)
     for fn, args in ((eapm_sigmoid_focal_loss, (t, 1.5)), (eapm_balanced_l1_loss, (gt, 1.0))):
-        for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+        for ctx in (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autocast("cpu", enabled=False),
+        ):
             with ctx:
                 loss = fn(x, *args, reduction="sum")
-            ref = fn(x.detach().float().requires_grad_(), *(a.float() if torch.is_tensor(a) else a for a in args),
-                     reduction="sum")
+            ref = fn(
+                x.detach().float().requires_grad_(),
+                *(a.float() if torch.is_tensor(a) else a for a in args),
+                reduction="sum",
+            )
             assert loss.dtype == torch.float32
-            torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=0)  # float32 math on the same values
+            torch.testing.assert_close(
+                loss, ref.detach(), rtol=1e-6, atol=0
+            )  # float32 math on the same values
             (gx,) = torch.autograd.grad(loss, x)
             assert gx.dtype == dtype and torch.isfinite(gx.float()).all() and gx.abs().sum() > 0
 
@@ -295,7 +374,9 @@ def test_eapm_retinanet_under_bf16_autocast(one_thread):
     torch.manual_seed(0)
     # the all-reduced normaliser (= this batch's positive count on one process) is stateless,
     # unlike the EMA: both forward passes are divided by the same number
-    model = build_model(tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce"))
+    model = build_model(
+        tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce")
+    )
     batch = make_batch(2, num_boxes=(3, 1))
     dtypes = []
     model.head.register_forward_hook(lambda m, i, o: dtypes.append(o[0][0].dtype))
@@ -309,7 +390,9 @@ def test_eapm_retinanet_under_bf16_autocast(one_thread):
         assert v.dtype == torch.float32 and torch.isfinite(v), k
         assert float(v) == pytest.approx(ref[k], rel=0.25), k
     sum(losses.values()).backward()
-    norms = grad_norms(model, ["head.cls_score", "head.bbox_pred", "head.cls_subnet", "backbone.bottom_up"])
+    norms = grad_norms(
+        model, ["head.cls_score", "head.bbox_pred", "head.cls_subnet", "backbone.bottom_up"]
+    )
     for k, n in norms.items():
         assert math.isfinite(n) and n > 0, (k, n)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -323,11 +406,16 @@ def test_eapm_finite_for_extreme_half_inputs(dtype):
     """Extends test_losses' float32 property test to half inputs: logits up to +-1e4
     (and +-max of the dtype's safe range), exact 0/1 targets, deltas where the prediction,
     the target or both are 0 (GoS 1 or 0/0), huge deltas."""
-    from eapm.losses import balanced_l1_loss, eapm_balanced_l1_loss, eapm_sigmoid_focal_loss, sigmoid_focal_loss
+    from eapm.losses import (
+        balanced_l1_loss,
+        eapm_balanced_l1_loss,
+        eapm_sigmoid_focal_loss,
+        sigmoid_focal_loss,
+    )
 
     g = torch.Generator().manual_seed(7)
     for scale in (1e-3, 1.0, 30.0, 1e4):
-        x = (torch.randn(3000, generator=g) * scale)
+        x = torch.randn(3000, generator=g) * scale
         x[:4] = torch.tensor([scale, -scale, 0.0, -0.0])
         x = x.to(dtype).requires_grad_()
         t = (torch.rand(3000, generator=g) < 0.5).to(dtype)
@@ -336,7 +424,11 @@ def test_eapm_finite_for_extreme_half_inputs(dtype):
         for mu in (0.1, 1.5, 20.0):
             loss = eapm_sigmoid_focal_loss(x, t, mu)
             (gr,) = torch.autograd.grad(loss.sum(), x)
-            assert torch.isfinite(loss).all() and torch.isfinite(gr.float()).all(), (dtype, scale, mu)
+            assert torch.isfinite(loss).all() and torch.isfinite(gr.float()).all(), (
+                dtype,
+                scale,
+                mu,
+            )
         p = torch.randn(999, 4, generator=g) * scale
         q = torch.randn(999, 4, generator=g) * scale
         p[0::3] = 0.0  # prediction 0
@@ -348,7 +440,11 @@ def test_eapm_finite_for_extreme_half_inputs(dtype):
         for theta in (0.5, 1.0, 20.0):
             loss = eapm_balanced_l1_loss(p, q, theta, beta=0.11)
             (gr,) = torch.autograd.grad(loss.sum(), p)
-            assert torch.isfinite(loss).all() and torch.isfinite(gr.float()).all(), (dtype, scale, theta)
+            assert torch.isfinite(loss).all() and torch.isfinite(gr.float()).all(), (
+                dtype,
+                scale,
+                theta,
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +466,9 @@ def test_same_seed_same_first_losses(one_thread):
         with EventStorage(0):
             losses = model(batch)
         sum(losses.values()).backward()
-        return {k: v.item() for k, v in losses.items()}, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return {k: v.item() for k, v in losses.items()}, [
+            p.grad.clone() for p in model.parameters() if p.grad is not None
+        ]
 
     (a, ga), (b, gb), (c, _) = run(1), run(1), run(2)
     assert a == b
@@ -386,12 +484,21 @@ def test_trainer_is_deterministic(tmp_path, one_thread):
     from eapm.engine import EAPMTrainer
 
     root = str(tmp_path)
-    js = dump(make_coco(root, "train", num_images=8, seed=5, boxes_per_image=(2, 1, 0)), f"{root}/train.json")
+    js = dump(
+        make_coco(root, "train", num_images=8, seed=5, boxes_per_image=(2, 1, 0)),
+        f"{root}/train.json",
+    )
 
     def run(seed, tag):
         cfg = tiny_cfg("quickstart/eapm_retinanet.yaml")
-        cfg.merge_from_list(tiny_opts(f"{root}/out_{tag}", 3, f"{root}/no_embedded", **{
-            "DATASETS.TRAIN": "('det_train',)", "DATASETS.TEST": "()", "SEED": str(seed)}))
+        cfg.merge_from_list(
+            tiny_opts(
+                f"{root}/out_{tag}",
+                3,
+                f"{root}/no_embedded",
+                **{"DATASETS.TRAIN": "('det_train',)", "DATASETS.TEST": "()", "SEED": str(seed)},
+            )
+        )
         cfg.DATASETS.COCO_JSON = [["det_train", js, f"{root}/train"]]
         seed_all_rng(cfg.SEED)  # what default_setup does in train_net.py
         trainer = EAPMTrainer(cfg)

@@ -1,5 +1,6 @@
 """Libra R-CNN's RoI samplers: IoU-balanced negatives, instance-balanced positives,
 and their use by LibraROIHeads (known IoUs, too few negatives, no GT at all)."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,7 +31,9 @@ def test_iou_balanced_negatives_spread_over_bins():
     """max IoU 0.6, 3 bins of width 0.2; 90 needed -> 30 per bin, bin 3 has only 10
     (all taken), the 20 missing are topped up from the rest of bins 1-2."""
     torch.manual_seed(0)
-    neg_iou = torch.cat([torch.rand(400) * 0.2, 0.2 + torch.rand(100) * 0.2, 0.4 + torch.rand(10) * 0.1])
+    neg_iou = torch.cat(
+        [torch.rand(400) * 0.2, 0.2 + torch.rand(100) * 0.2, 0.4 + torch.rand(10) * 0.1]
+    )
     pos_iou = torch.tensor([0.55, 0.6])
     max_iou = torch.cat([pos_iou, neg_iou])[torch.randperm(512)]
     neg_idx = torch.nonzero(max_iou < 0.5).squeeze(1)
@@ -51,7 +54,9 @@ def test_iou_balanced_negatives_spread_over_bins():
 def test_iou_balanced_negatives_exact_quota_when_bins_are_full():
     """All three bins richer than the quota: exactly int(99 / 3) = 33 from each."""
     torch.manual_seed(1)
-    max_iou = torch.cat([torch.rand(200) * 0.3, 0.3 + torch.rand(200) * 0.3, 0.6 + torch.rand(200) * 0.3])
+    max_iou = torch.cat(
+        [torch.rand(200) * 0.3, 0.3 + torch.rand(200) * 0.3, 0.6 + torch.rand(200) * 0.3]
+    )
     max_iou = torch.cat([max_iou, torch.tensor([0.9])])
     neg_idx = torch.arange(600)  # the generic sampler takes any "negative" set
     got = iou_balanced_negatives(neg_idx, max_iou, 99, num_bins=3)
@@ -62,14 +67,22 @@ def test_iou_balanced_negatives_floor():
     """floor 0.1, floor fraction 0.5: 20 of 40 from the IoU bins above 0.1 and 20 at
     random from below; floor 0 sets aside exactly the IoU-0 negatives."""
     torch.manual_seed(0)
-    max_iou = torch.cat([torch.zeros(100), torch.rand(300) * 0.1, 0.1 + torch.rand(300) * 0.4, torch.tensor([0.7])])
+    max_iou = torch.cat(
+        [torch.zeros(100), torch.rand(300) * 0.1, 0.1 + torch.rand(300) * 0.4, torch.tensor([0.7])]
+    )
     neg_idx = torch.arange(700)
-    got = iou_balanced_negatives(neg_idx, max_iou, 40, num_bins=3, floor_thresh=0.1, floor_fraction=0.5)
+    got = iou_balanced_negatives(
+        neg_idx, max_iou, 40, num_bins=3, floor_thresh=0.1, floor_fraction=0.5
+    )
     assert int((max_iou[got] < 0.1).sum()) == 20 and got.unique().numel() == 40
-    got = iou_balanced_negatives(neg_idx, max_iou, 40, num_bins=3, floor_thresh=0.0, floor_fraction=0.25)
+    got = iou_balanced_negatives(
+        neg_idx, max_iou, 40, num_bins=3, floor_thresh=0.0, floor_fraction=0.25
+    )
     assert int((max_iou[got] == 0).sum()) == 10
     # floor fraction 1: everything from below the floor
-    got = iou_balanced_negatives(neg_idx, max_iou, 40, num_bins=3, floor_thresh=0.1, floor_fraction=1.0)
+    got = iou_balanced_negatives(
+        neg_idx, max_iou, 40, num_bins=3, floor_thresh=0.1, floor_fraction=1.0
+    )
     assert bool((max_iou[got] < 0.1).all())
 
 
@@ -99,7 +112,9 @@ def test_instance_balanced_positives():
     # equal instances: exactly the quota from each when it fits: 3 x 21 + 3 of 4 x 22 ...
     gt = torch.arange(4).repeat_interleave(100)
     torch.manual_seed(0)
-    got = instance_balanced_positives(torch.arange(400), gt, 40)  # 11 per instance -> 44 -> trimmed to 40
+    got = instance_balanced_positives(
+        torch.arange(400), gt, 40
+    )  # 11 per instance -> 44 -> trimmed to 40
     counts = torch.bincount(gt[got], minlength=4)
     assert counts.sum() == 40 and counts.max() <= 11 and counts.min() >= 7
     assert torch.equal(instance_balanced_positives(torch.arange(5), gt[:5], 40), torch.arange(5))
@@ -143,7 +158,9 @@ def test_roi_heads_sample_known_ious(storage):
     gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
     # IoU (100 - s) / (100 + s): s in [0, 20] -> IoU >= 0.67 (positives), s in
     # [40, 50) -> IoU in (0.33, 0.43] (bin 2), s in [60, 200) -> IoU < 0.25 (bin 1)
-    shifts = torch.cat([torch.linspace(0, 20, 100), torch.linspace(40, 49.9, 30), torch.linspace(60, 199, 870)])
+    shifts = torch.cat(
+        [torch.linspace(0, 20, 100), torch.linspace(40, 49.9, 30), torch.linspace(60, 199, 870)]
+    )
     target = _instances((300, 400), gt_boxes=Boxes(gt), gt_classes=torch.tensor([2]))
     boxes = _shifted_proposals(gt[0], shifts)
     proposal = _instances((300, 400), proposal_boxes=boxes, objectness_logits=torch.zeros(1000))
@@ -160,7 +177,8 @@ def test_roi_heads_sample_known_ious(storage):
     assert int(((neg_iou >= 1 / 3) & (neg_iou < 2 / 3)).sum()) == 30
     assert int((neg_iou < 1 / 3).sum()) == 162
     # the random sampler would take ~192 * 30/900 = 6.4 of the 30
-    heads_rnd = _heads("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 256, "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", 0,
+    heads_rnd = _heads("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 256,
+                       "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", 0,
                        "MODEL.ROI_HEADS.INSTANCE_BALANCED_POS", False)  # fmt: skip
     torch.manual_seed(0)
     out = heads_rnd.label_and_sample_proposals([proposal], [target])[0]
@@ -171,16 +189,21 @@ def test_roi_heads_sample_known_ious(storage):
 def test_roi_heads_positives_balanced_over_instances(storage):
     from detectron2.structures import Boxes
 
-    heads = _heads("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 128, "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", False)
+    heads = _heads(
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 128, "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", False
+    )
     gts = torch.tensor([[0.0, 0.0, 100.0, 100.0], [300.0, 0.0, 400.0, 100.0]])
     # GT 0: 150 positives, GT 1: 5 positives; plus 300 far negatives
     props = torch.cat([
         _shifted_proposals(gts[0], torch.linspace(0, 20, 150)).tensor,
         _shifted_proposals(gts[1], torch.linspace(0, 10, 5)).tensor,
-        _shifted_proposals(torch.tensor([0.0, 200.0, 50.0, 250.0]), torch.linspace(0, 300, 300)).tensor,
+        _shifted_proposals(torch.tensor([0.0, 200.0, 50.0, 250.0]),
+                           torch.linspace(0, 300, 300)).tensor,
     ])  # fmt: skip
     target = _instances((300, 800), gt_boxes=Boxes(gts), gt_classes=torch.tensor([0, 1]))
-    proposal = _instances((300, 800), proposal_boxes=Boxes(props), objectness_logits=torch.zeros(455))
+    proposal = _instances(
+        (300, 800), proposal_boxes=Boxes(props), objectness_logits=torch.zeros(455)
+    )
     torch.manual_seed(0)
     out = heads.label_and_sample_proposals([proposal], [target])[0]
     # 32 positives: round(32 / 2) + 1 = 17 per instance -> all 5 of GT 1, 27 of GT 0
@@ -201,8 +224,11 @@ def test_roi_heads_fewer_negatives_than_needed_and_no_gt(storage):
     # 21 positives (20 + the appended GT), all 50 negatives; nothing twice
     assert len(out) == 71 and int((out.gt_classes == heads.num_classes).sum()) == 50
     # an image without any GT box: everything is background, sampled at random
-    empty = _instances((300, 400), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
-    many = _instances((300, 400), proposal_boxes=_shifted_proposals(gt[0], torch.linspace(0, 300, 400)),
+    empty = _instances(
+        (300, 400), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long)
+    )
+    many = _instances((300, 400),
+                      proposal_boxes=_shifted_proposals(gt[0], torch.linspace(0, 300, 400)),
                       objectness_logits=torch.zeros(400))  # fmt: skip
     out = heads.label_and_sample_proposals([many], [empty])[0]
     assert len(out) == 256 and bool((out.gt_classes == heads.num_classes).all())
@@ -214,7 +240,9 @@ def test_roi_heads_random_mode_is_detectron2(storage):
     """NUM_BINS 0 + no instance balancing: the very same draw as StandardROIHeads."""
     from detectron2.modeling.roi_heads import StandardROIHeads
 
-    heads = _heads("MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", 0, "MODEL.ROI_HEADS.INSTANCE_BALANCED_POS", False)
+    heads = _heads(
+        "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS", 0, "MODEL.ROI_HEADS.INSTANCE_BALANCED_POS", False
+    )
     g = torch.Generator().manual_seed(0)
     matched_idxs = torch.randint(0, 3, (500,), generator=g)
     matched_labels = torch.randint(-1, 2, (500,), generator=g).to(torch.int8)
@@ -238,4 +266,8 @@ def test_roi_heads_labels_match_detectron2(storage, opts):
     expected = torch.tensor([0, 3, 1])[matched_idxs[idx]]
     expected[matched_labels[idx] == 0] = heads.num_classes
     assert bool((matched_labels[idx] != -1).all()) and torch.equal(labels, expected)
-    assert idx.unique().numel() == idx.numel() == min(heads.batch_size_per_image, int((matched_labels != -1).sum()))
+    assert (
+        idx.unique().numel()
+        == idx.numel()
+        == min(heads.batch_size_per_image, int((matched_labels != -1).sum()))
+    )

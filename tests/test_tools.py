@@ -1,6 +1,7 @@
 """Research tools: gradient figures (tools/plot_gradients.py), result tables
 (tools/collect_results.py), the ablation runner (tools/ablation.py), the visualizer
 (tools/visualize.py), and the diagnostics' way to TensorBoard / metrics.json."""
+
 from __future__ import annotations
 
 import glob
@@ -8,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -17,13 +19,20 @@ import torch
 from conftest import REPO, make_batch, tiny_cfg
 
 TOOLS = os.path.join(REPO, "tools")
-EAPM_TAGS = ("eapm/cls_dif_pos", "eapm/cls_dif_neg", "eapm/cls_mf_pos", "eapm/cls_mf_neg", "eapm/reg_gos", "eapm/reg_mf")
+EAPM_TAGS = (
+    "eapm/cls_dif_pos",
+    "eapm/cls_dif_neg",
+    "eapm/cls_mf_pos",
+    "eapm/cls_mf_neg",
+    "eapm/reg_gos",
+    "eapm/reg_mf",
+)
 
 
 def load_tool(name):
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    spec = importlib.util.spec_from_file_location(f"eapm_tool_{name}", os.path.join(TOOLS, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"eapm_tool_{name}", os.path.join(TOOLS, f"{name}.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
@@ -117,7 +126,9 @@ def test_plot_gradients_writes_figures_and_the_properties_hold(tmp_path):
 def test_committed_figures_are_small_pngs():
     for name in ("eapm_focal_gradient.png", "eapm_balanced_l1_gradient.png"):
         path = os.path.join(REPO, "docs", "figures", name)
-        assert os.path.isfile(path), f"run: python tools/plot_gradients.py --out docs/figures ({name} missing)"
+        assert os.path.isfile(
+            path
+        ), f"run: python tools/plot_gradients.py --out docs/figures ({name} missing)"
         assert os.path.getsize(path) < 200_000
 
 
@@ -165,13 +176,18 @@ def _log(blocks):
             f"[11/29 05:45:06 d2.engine.defaults]: Evaluation results for {ds} in csv format:",
             "[11/29 05:45:06 d2.evaluation.testing]: copypaste: Task: bbox",
             "[11/29 05:45:06 d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
-            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: " + ",".join(f"{v:.4f}" for v in vals),
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: "
+            + ",".join(f"{v:.4f}" for v in vals),
         ]
     return "\n".join(lines) + "\n"
 
 
 def _config_yaml(output_dir, test=("coco_2017_val",)):
-    return f"DATASETS:\n  TEST:\n" + "".join(f"  - {t}\n" for t in test) + f"OUTPUT_DIR: {output_dir}\nSEED: 1\n"
+    return (
+        "DATASETS:\n  TEST:\n"
+        + "".join(f"  - {t}\n" for t in test)
+        + f"OUTPUT_DIR: {output_dir}\nSEED: 1\n"
+    )
 
 
 @pytest.fixture
@@ -181,7 +197,12 @@ def fake_runs(tmp_path):
     a.mkdir()
     a.joinpath("config.yaml").write_text(_config_yaml("./output/coco/retinanet_R_50_FPN_1x"))
     a.joinpath("log.txt").write_text(
-        _log([("coco_2017_val", [1, 2, 3, 4, 5, 6]), ("coco_2017_val", [35.5123, 55.01, 38.3, 20.04, 39.6, 46.8])])
+        _log(
+            [
+                ("coco_2017_val", [1, 2, 3, 4, 5, 6]),
+                ("coco_2017_val", [35.5123, 55.01, 38.3, 20.04, 39.6, 46.8]),
+            ]
+        )
     )
     # 2) metrics.json only; the folder name says nothing, config.yaml's OUTPUT_DIR does
     b = tmp_path / "job_42"
@@ -190,12 +211,15 @@ def fake_runs(tmp_path):
     b.joinpath("metrics.json").write_text(
         json.dumps({"iteration": 19, "loss_cls": 1.0, "eapm/cls_mf_pos": 1.2}) + "\n"
         + json.dumps({"iteration": 89999, "bbox/AP": 36.9, "bbox/AP50": 56.6, "bbox/AP75": 39.7,
-                      "bbox/APs": 20.5, "bbox/APm": 40.6, "bbox/APl": 49.1, "bbox/AP-person": 50.0}) + "\n"
+                      "bbox/APs": 20.5, "bbox/APm": 40.6, "bbox/APl": 49.1,
+                      "bbox/AP-person": 50.0}) + "\n"
     )  # fmt: skip
     # 3) no config.yaml: named by the folder; evaluated on test-dev (paper Table 3)
     c = tmp_path / "libra_retinanet_R_50_FPN_1x_eapm_mu1.5_theta1.0"
     c.mkdir()
-    c.joinpath("log.txt").write_text(_log([("coco_2017_test-dev", [38.0, 58.0, 41.0, 21.0, 41.0, 48.0])]))
+    c.joinpath("log.txt").write_text(
+        _log([("coco_2017_test-dev", [38.0, 58.0, 41.0, 21.0, 41.0, 48.0])])
+    )
     # 4) nothing yet
     d = tmp_path / "fcos_R_50_FPN_1x"
     d.mkdir()
@@ -216,12 +240,14 @@ def test_collect_results_table_values_deltas_and_paper(fake_runs, tmp_path, caps
     out = tmp_path / "table.md"
     table = tool.main([*fake_runs, "--paper", "--output", str(out)])
     assert capsys.readouterr().out == table == out.read_text()
-    assert table.splitlines()[0].startswith("| run | dataset | AP | AP (paper) | AP50 | AP50 (paper) |")
+    assert table.splitlines()[0].startswith(
+        "| run | dataset | AP | AP (paper) | AP50 | AP50 (paper) |"
+    )
     rows = _rows(table)
     base = rows["retinanet_R_50_FPN_1x (baseline)"]
     # the *last* evaluation of the log, the paper's Table 1 RetinaNet row
-    assert base == ["coco_2017_val", "35.5", "35.6", "55.0", "55.5", "38.3", "38.3", "20.0", "20.0", "39.6",
-                    "39.6", "46.8", "46.8"]  # fmt: skip
+    assert base == ["coco_2017_val", "35.5", "35.6", "55.0", "55.5", "38.3", "38.3", "20.0", "20.0",
+                    "39.6", "39.6", "46.8", "46.8"]  # fmt: skip
     mu = rows["retinanet_R_50_FPN_1x_eapm_mu1.5"]
     assert mu[:5] == ["coco_2017_val", "36.9 (+1.4)", "37.1 (+1.5)", "56.6 (+1.6)", "56.6 (+1.1)"]
     assert mu[-2:] == ["49.1 (+2.3)", "49.1 (+2.3)"]
@@ -236,7 +262,11 @@ def test_collect_results_table_values_deltas_and_paper(fake_runs, tmp_path, caps
 
 def test_collect_results_baseline_choice_and_no_paper(fake_runs):
     tool = load_tool("collect_results")
-    by_name = _rows(tool.main([*fake_runs[:2], "--baseline", "retinanet_R_50_FPN_1x_eapm_mu1.5", "--decimals", "2"]))
+    by_name = _rows(
+        tool.main(
+            [*fake_runs[:2], "--baseline", "retinanet_R_50_FPN_1x_eapm_mu1.5", "--decimals", "2"]
+        )
+    )
     assert by_name["retinanet_R_50_FPN_1x"][1] == "35.51 (-1.39)"
     assert by_name["retinanet_R_50_FPN_1x_eapm_mu1.5 (baseline)"][1] == "36.90"
     assert len(by_name["retinanet_R_50_FPN_1x"]) == 7  # no paper columns
@@ -249,12 +279,16 @@ def test_collect_results_baseline_choice_and_no_paper(fake_runs):
 
 def test_collect_results_parsers(tmp_path):
     tool = load_tool("collect_results")
-    blocks = tool.parse_log(_log([("a", [1, 2, 3, 4, 5, 6])]) + "copypaste: Task: segm\n" + _log([("b", [7] * 6)]))
+    blocks = tool.parse_log(
+        _log([("a", [1, 2, 3, 4, 5, 6])]) + "copypaste: Task: segm\n" + _log([("b", [7] * 6)])
+    )
     assert [(d, t, v["AP"]) for d, t, v in blocks] == [("a", "bbox", 1.0), ("b", "bbox", 7.0)]
     nan = tool.parse_log(_log([("a", [math.nan] * 6)]))
     assert math.isnan(nan[0][2]["AP"])
     # several test sets: metrics.json keys carry the dataset
-    (tmp_path / "metrics.json").write_text(json.dumps({"coco_2017_val/bbox/AP": 30.0, "other/bbox/AP": 20.0}) + "\n")
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"coco_2017_val/bbox/AP": 30.0, "other/bbox/AP": 20.0}) + "\n"
+    )
     r = tool.read_results(str(tmp_path), dataset="coco_2017_val")
     assert r.ok and r.metrics == {"AP": 30.0} and r.source == "metrics.json"
 
@@ -280,8 +314,22 @@ def test_ablation_schedule_and_dry_run(tmp_path, capsys):
     tool = load_tool("ablation")
     base = {"MAX_ITER": 1500, "STEPS": [1100, 1350], "WARMUP_ITERS": 100}
     assert tool.schedule_opts(base, None) == []
-    assert tool.schedule_opts(base, 300) == ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(220,270,)", "SOLVER.WARMUP_ITERS", "20"]
-    assert tool.schedule_opts(base, 3) == ["SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "1"]
+    assert tool.schedule_opts(base, 300) == [
+        "SOLVER.MAX_ITER",
+        "300",
+        "SOLVER.STEPS",
+        "(220,270,)",
+        "SOLVER.WARMUP_ITERS",
+        "20",
+    ]
+    assert tool.schedule_opts(base, 3) == [
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.STEPS",
+        "(2,)",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+    ]
     assert tool.parse_seeds("3") == [1, 2, 3] and tool.parse_seeds("4,7") == [4, 7]
     assert tool.main(["--out", str(tmp_path), "--seeds", "2", "--iters", "30", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -299,15 +347,20 @@ def test_ablation_smoke_run_resumes_and_reports(tiny_coco, tmp_path):
     js, imgs = tiny_coco
     out = tmp_path / "abl"
     cmd = [
-        sys.executable, os.path.join(TOOLS, "ablation.py"), "--out", str(out), "--seeds", "1", "--iters", "3",
+        sys.executable, os.path.join(TOOLS, "ablation.py"), "--out", str(out),
+        "--seeds", "1", "--iters", "3",
         "--variants", "retinanet,eapm_mu1.5_theta1.0", "--opts",
-        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32", "SOLVER.IMS_PER_BATCH", "2",
+        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32",
+        "SOLVER.IMS_PER_BATCH", "2",
         "DATALOADER.NUM_WORKERS", "0", "DATASETS.EMBEDDED_ROOT", str(tmp_path / "shapes"),
         "DATASETS.COCO_JSON", f"[['tiny', '{js}', '{imgs}']]", "DATASETS.TRAIN", "('tiny',)",
-        "DATASETS.TEST", "('tiny',)", "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.EAPM.HISTOGRAM_PERIOD", "1",
+        "DATASETS.TEST", "('tiny',)", "TEST.DETECTIONS_PER_IMAGE", "10",
+        "MODEL.EAPM.HISTOGRAM_PERIOD", "1",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "ablation.md").read_text()
     for v in ("retinanet", "eapm_mu1.5_theta1.0"):
@@ -325,8 +378,12 @@ def test_ablation_smoke_run_resumes_and_reports(tiny_coco, tmp_path):
     metrics = (out / "eapm_mu1.5_theta1.0" / "seed1" / "metrics.json").read_text()
     assert all(t in metrics for t in EAPM_TAGS)
     # resumable: a second call skips both runs
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.count("results exist, skipped") == 2, proc.stdout + proc.stderr
+    proc = subprocess.run(
+        cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.count("results exist, skipped") == 2, (
+        proc.stdout + proc.stderr
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -337,15 +394,23 @@ def test_visualize_untrained_model_writes_pngs(tiny_coco, tmp_path):
     from detectron2.modeling import build_model
 
     js, imgs = tiny_coco
-    opts = ["MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32", "TEST.DETECTIONS_PER_IMAGE", "5",
-            "DATASETS.EMBEDDED_ROOT", str(tmp_path / "shapes"), "DATASETS.COCO_JSON", f"[['tiny_vis', '{js}', '{imgs}']]"]  # fmt: skip
+    opts = ["MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32",
+            "TEST.DETECTIONS_PER_IMAGE", "5",
+            "DATASETS.EMBEDDED_ROOT", str(tmp_path / "shapes"),
+            "DATASETS.COCO_JSON", f"[['tiny_vis', '{js}', '{imgs}']]"]  # fmt: skip
     model = build_model(tiny_cfg("quickstart/retinanet.yaml", *opts[:6]))
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("untrained")
     weights = str(tmp_path / "untrained.pth")
     tool = load_tool("visualize")
-    common = ["--config-file", os.path.join(REPO, "configs/quickstart/retinanet.yaml"), "--weights", weights]
+    common = [
+        "--config-file",
+        os.path.join(REPO, "configs/quickstart/retinanet.yaml"),
+        "--weights",
+        weights,
+    ]
     # a registered dataset, with the ground truth alongside; score 0 so boxes get drawn
-    files = tool.main(common + ["--input", "tiny_vis", "--num", "2", "--show-gt", "--score-thresh", "0",
+    files = tool.main(common + ["--input", "tiny_vis", "--num", "2", "--show-gt",
+                                "--score-thresh", "0",
                                 "--output", str(tmp_path / "ds"), "--opts", *opts])  # fmt: skip
     assert [os.path.basename(f) for f in files] == ["img0.png", "img1.png"]
     from PIL import Image
@@ -353,12 +418,27 @@ def test_visualize_untrained_model_writes_pngs(tiny_coco, tmp_path):
     w, h = Image.open(files[0]).size
     assert h == 512 and w == 2 * 512 + 8  # 64 px drawn at 8x, prediction | ground truth
     # a folder and a single image
-    files = tool.main(common + ["--input", imgs, "--output", str(tmp_path / "dir"), "--opts", *opts])
+    files = tool.main(
+        common + ["--input", imgs, "--output", str(tmp_path / "dir"), "--opts", *opts]
+    )
     assert len(files) == 4 and all(os.path.getsize(f) > 0 for f in files)
-    one = tool.main(common + ["--input", os.path.join(imgs, "img3.png"), "--output", str(tmp_path / "one"), "--opts", *opts])
+    one = tool.main(
+        common
+        + [
+            "--input",
+            os.path.join(imgs, "img3.png"),
+            "--output",
+            str(tmp_path / "one"),
+            "--opts",
+            *opts,
+        ]
+    )
     assert len(one) == 1 and os.path.isfile(one[0])
     with pytest.raises(SystemExit, match="neither an image"):
-        tool.main(common + ["--input", "no_such_dataset", "--output", str(tmp_path / "x"), "--opts", *opts])
+        tool.main(
+            common
+            + ["--input", "no_such_dataset", "--output", str(tmp_path / "x"), "--opts", *opts]
+        )
 
 
 def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
@@ -369,8 +449,12 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
             d = tmp_path / v / f"seed{s}"
             d.mkdir(parents=True)
             d.joinpath("config.yaml").write_text(_config_yaml(str(d), test=("eapm_shapes_val",)))
-            d.joinpath("log.txt").write_text(_log([("eapm_shapes_val", [ap, ap + 20, ap + 5, 1, 2, 3])]))
-            d.joinpath("ablation_run.json").write_text(json.dumps({"wall_s": 100.0 * s, "returncode": 0}))
+            d.joinpath("log.txt").write_text(
+                _log([("eapm_shapes_val", [ap, ap + 20, ap + 5, 1, 2, 3])])
+            )
+            d.joinpath("ablation_run.json").write_text(
+                json.dumps({"wall_s": 100.0 * s, "returncode": 0})
+            )
     seeds = [1, 2, 3, 4]  # seed 4 was never run
     text = tool.write_report(str(tmp_path), ["retinanet", "eapm_mu1.5"], seeds, 300, [])
     row = {}
@@ -378,26 +462,99 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] in aps:
             row[cells[0]] = cells
-    assert row["retinanet"][3:9] == ["3/4", "32.00 ± 2.00", "52.00 ± 2.00", "37.00 ± 2.00", "—", "200"]
+    assert row["retinanet"][3:9] == [
+        "3/4",
+        "32.00 ± 2.00",
+        "52.00 ± 2.00",
+        "37.00 ± 2.00",
+        "—",
+        "200",
+    ]
     # paired over seeds 1-3: differences 1.0, 1.5, 0.5
-    assert row["eapm_mu1.5"][2:9] == ["retinanet", "3/4", "33.00 ± 1.80", "53.00 ± 1.80", "38.00 ± 1.80", "+1.00 ± 0.50", "200"]
+    assert row["eapm_mu1.5"][2:9] == [
+        "retinanet",
+        "3/4",
+        "33.00 ± 1.80",
+        "53.00 ± 1.80",
+        "38.00 ± 1.80",
+        "+1.00 ± 0.50",
+        "200",
+    ]
     assert "on eapm_shapes_val" in text and "| retinanet | 4 | — |" in text
     summary = json.loads((tmp_path / "ablation.json").read_text())
     assert summary["variants"]["eapm_mu1.5"]["delta_AP"] == {"mean": 1.0, "std": 0.5, "n": 3}
 
 
+# ----------------------------------------------------------------------------
+# benchmark
+# ----------------------------------------------------------------------------
+RATIO = re.compile(r"^  ratio (.+?): (\S+)x")
+
+
+def run_benchmark(tmp_path, *args, timeout=600):
+    """Runs tools/benchmark.py on the CPU (one thread: the smoke test checks that it runs,
+    and on a busy machine two OpenMP threads per process wait on each other): its stdout,
+    its --json reports, [(label, value) of every printed "ratio" line]."""
+    out_json = str(tmp_path / "bench.json")
+    tool = os.path.join(TOOLS, "benchmark.py")
+    cmd = [sys.executable, tool, "--device", "cpu", *args, "--json", out_json]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    matches = [RATIO.match(line) for line in proc.stdout.splitlines()]
+    ratios = [(m.group(1), float(m.group(2))) for m in matches if m]
+    with open(out_json) as f:
+        return proc.stdout, json.load(f), ratios
+
+
+def test_benchmark_interleaved_and_report(capsys):
+    tool = load_tool("benchmark")
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = tool.interleaved(fns, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # the order rotates
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    ratios = tool.report("t", {"ref": [1.0] * 5, "x": [2.0, 2.0, 4.0, 2.0, 2.0]}, "ref")
+    out = capsys.readouterr().out
+    assert ratios == {"x": 2.0} and "ratio x / ref: 2.000x" in out and "below 1 in 0 of 5" in out
+    assert out.index("ratio x / ref") < out.index("1000.000 ms")  # ratios first
+    assert tool.report_values("m", {"ref": 4.0, "y": 1.0}, "ref", "MiB") == {"y": 0.25}
+
+
 @pytest.mark.slow
-def test_gpu_benchmark_smoke_on_cpu():
-    """The prepared GPU check runs end to end (on tiny CPU images, bfloat16 autocast), so a
-    lent GPU's minutes are not spent on a script error: all three variants train a step
-    with finite losses (the script raises otherwise) and the ratios are printed."""
-    out = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "gpu_benchmark.py"), "--device", "cpu", "--batch", "2",
-         "--height", "64", "--width", "96", "--iters", "1", "--warmup", "0"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+def test_benchmark_smoke_train_on_cpu(tmp_path):
+    """The GPU check (section train) runs end to end on tiny CPU images with bfloat16
+    autocast, so that a lent GPU's minutes are not spent on a script error: the three
+    variants train with finite losses (the tool raises otherwise), the ratios are printed."""
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "train", "--batch", "1", "--height", "64", "--width", "64",
+        "--repeats", "2", "--warmup", "1",
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    for name in ("RetinaNet (detectron2 losses)", "RetinaNet + EAPM mu 1.5 (compiled)", "RetinaNet + EAPM mu 1.5 (eager)"):
-        assert any(line.startswith(name) and "s/iter" in line for line in lines), out.stdout
-    assert sum(line.startswith("ratio ") for line in lines) == 2, out.stdout
+    (title,) = reports
+    assert title.startswith("[train] training step, RetinaNet R-50-FPN, 1 x 64x64")
+    base = "RetinaNet (detectron2 losses)"
+    names = [f"RetinaNet + EAPM mu 1.5 ({kind})" for kind in ("compiled", "eager")]
+    assert sorted(reports[title]["ratios"]) == names
+    assert sorted(label for label, _ in ratios) == [f"{n} / {base}" for n in names]
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    assert all(math.isfinite(t) and t > 0 for t in reports[title]["median_s"].values())
+    losses = [line for line in stdout.splitlines() if line.startswith("  loss (last step) ")]
+    assert len(losses) == 3 and all(math.isfinite(float(x.rsplit(": ", 1)[1])) for x in losses)
+    assert "_focal_sum: compiled" in stdout or "_focal_sum: failed (eager)" in stdout
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_loss_and_sampler_sections_on_cpu(tmp_path):
+    """Sections focal, box and sampler run (2 timed rounds; the sampler 40) and print
+    finite, positive ratios for every comparison."""
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "focal", "box", "sampler", "--repeats", "2", "--warmup", "1"
+    )
+    sections = [t.split("]")[0] + "]" for t in reports]
+    assert sections == ["[focal]", "[focal]", "[box]", "[sampler]", "[sampler]"], list(reports)
+    labels = [label for label, _ in ratios]
+    assert len(labels) == 2 * 2 + 2 + 1 + 1, ratios  # focal at 2 sizes, box, sampler 2 ways
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    assert labels.count("eapm focal (compiled) / d2 fvcore sigmoid_focal_loss_jit") == 2
+    assert "eapm balanced L1 (eager) / d2 smooth_l1_loss" in labels
+    assert "sampled negatives per IoU bin" in stdout

@@ -1,5 +1,6 @@
 """End to end: train_net.py trains a tiny model on the embedded dataset, writes a
 checkpoint and evaluation results, and --eval-only reloads the checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,24 @@ import pytest
 from conftest import REPO
 
 TINY = [
-    "SOLVER.MAX_ITER", "6",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "3",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.STEPS", "(4,)",
-    "MODEL.RETINANET.NUM_CONVS", "1",
-    "MODEL.FPN.OUT_CHANNELS", "32",
-    "DATALOADER.NUM_WORKERS", "0",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
+    "SOLVER.MAX_ITER",
+    "6",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "3",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.STEPS",
+    "(4,)",
+    "MODEL.RETINANET.NUM_CONVS",
+    "1",
+    "MODEL.FPN.OUT_CHANNELS",
+    "32",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "10",
 ]
 
 
@@ -52,7 +62,12 @@ def test_embedded_dataset_is_deterministic_and_stresses_eapm(dataset_root, tmp_p
         b = open(os.path.join(other, "annotations", f"instances_{split}.json")).read()
         assert a == b
     coco = json.loads(a)
-    boxes = [x["bbox"] for x in json.load(open(os.path.join(dataset_root, "annotations", "instances_train.json")))["annotations"]]
+    boxes = [
+        x["bbox"]
+        for x in json.load(open(os.path.join(dataset_root, "annotations", "instances_train.json")))[
+            "annotations"
+        ]
+    ]
     ratios = [max(w / h, h / w) for _, _, w, h in boxes]
     sides = [max(w, h) for _, _, w, h in boxes]
     assert max(ratios) > 8 and min(ratios) < 1.2  # thin bars and square-ish shapes
@@ -81,8 +96,15 @@ def test_train_then_eval_only(dataset_root, tmp_path):
 
     out2 = tmp_path / "eval"
     proc = run_train_net(
-        *common, "--eval-only", *opts[:-4], "OUTPUT_DIR", str(out2), "DATASETS.EMBEDDED_ROOT", dataset_root,
-        "MODEL.WEIGHTS", str(out / "model_final.pth"),
+        *common,
+        "--eval-only",
+        *opts[:-4],
+        "OUTPUT_DIR",
+        str(out2),
+        "DATASETS.EMBEDDED_ROOT",
+        dataset_root,
+        "MODEL.WEIGHTS",
+        str(out / "model_final.pth"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -93,7 +115,12 @@ def test_train_then_eval_only(dataset_root, tmp_path):
 
 def test_bad_config_fails_fast_with_key(tmp_path):
     proc = run_train_net(
-        "--config-file", "configs/quickstart/eapm_retinanet.yaml", "MODEL.EAPM.CLS.MU", "-1", "OUTPUT_DIR", str(tmp_path),
+        "--config-file",
+        "configs/quickstart/eapm_retinanet.yaml",
+        "MODEL.EAPM.CLS.MU",
+        "-1",
+        "OUTPUT_DIR",
+        str(tmp_path),
         timeout=120,
     )
     assert proc.returncode != 0
@@ -114,10 +141,25 @@ def test_register_coco_from_command_line(dataset_root, tmp_path):
         register_coco_json("missing", str(tmp_path / "nope.json"), str(tmp_path))
     # the command-line flag, used for evaluation only (no training)
     proc = run_train_net(
-        "--config-file", "configs/quickstart/eapm_retinanet.yaml", "--eval-only",
-        "--register-coco", "cli_val", js, os.path.join(dataset_root, "val"),
-        "DATASETS.TEST", "('cli_val',)", "OUTPUT_DIR", str(tmp_path / "o"), "DATASETS.EMBEDDED_ROOT", dataset_root,
-        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32", "TEST.DETECTIONS_PER_IMAGE", "5",
+        "--config-file",
+        "configs/quickstart/eapm_retinanet.yaml",
+        "--eval-only",
+        "--register-coco",
+        "cli_val",
+        js,
+        os.path.join(dataset_root, "val"),
+        "DATASETS.TEST",
+        "('cli_val',)",
+        "OUTPUT_DIR",
+        str(tmp_path / "o"),
+        "DATASETS.EMBEDDED_ROOT",
+        dataset_root,
+        "MODEL.RETINANET.NUM_CONVS",
+        "1",
+        "MODEL.FPN.OUT_CHANNELS",
+        "32",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "5",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

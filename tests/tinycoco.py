@@ -2,6 +2,7 @@
 tiny COCO-json datasets written to a temporary folder, and train_net.py run as a
 subprocess on them with a tiny model, so that a run (model build, a few iterations,
 COCO evaluation) takes seconds on two CPU cores."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,20 @@ import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
-
 from conftest import REPO
 
 SIZE = 64
 
 
-def make_coco(root: str, name: str, num_images: int = 4, seed: int = 0, cat_ids: Sequence[int] = (1, 2),
-              boxes_per_image: Sequence[int] = (2, 1), write: bool = True) -> Dict:
+def make_coco(
+    root: str,
+    name: str,
+    num_images: int = 4,
+    seed: int = 0,
+    cat_ids: Sequence[int] = (1, 2),
+    boxes_per_image: Sequence[int] = (2, 1),
+    write: bool = True,
+) -> Dict:
     """Write ``num_images`` 64x64 PNGs (filled rectangles on noise) under ``root/name/``
     and return the COCO dict of their boxes (not yet written: see ``dump``)."""
     import cv2
@@ -37,8 +44,16 @@ def make_coco(root: str, name: str, num_images: int = 4, seed: int = 0, cat_ids:
             k = int(rng.integers(0, len(cat_ids)))
             color = (255, 80 + 100 * k, 40) if k % 2 == 0 else (40, 200, 255)
             cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), color, -1)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(cat_ids[k]),
-                         "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(cat_ids[k]),
+                    "bbox": [float(x), float(y), float(w), float(h)],
+                    "area": float(w * h),
+                    "iscrowd": 0,
+                }
+            )
         fname = f"{i:03d}.png"
         if write:
             cv2.imwrite(os.path.join(img_dir, fname), img)
@@ -59,7 +74,10 @@ def tiny_datasets(root: str) -> List[str]:
     returns the ``--register-coco`` arguments of both (names tiny_train / tiny_val)."""
     args = []
     for split, n, seed, per_image in (("train", 8, 0, (2, 1, 3, 0)), ("val", 4, 1, (2, 1))):
-        js = dump(make_coco(root, split, n, seed, boxes_per_image=per_image), os.path.join(root, f"{split}.json"))
+        js = dump(
+            make_coco(root, split, n, seed, boxes_per_image=per_image),
+            os.path.join(root, f"{split}.json"),
+        )
         args += ["--register-coco", f"tiny_{split}", js, os.path.join(root, split)]
     return args
 
@@ -101,7 +119,9 @@ def tiny_opts(out_dir: str, max_iter: int, embedded_root: str, **extra) -> List[
 def env(threads: int = 1) -> Dict[str, str]:
     # one thread per process: on a shared 2-core machine, OpenMP's spinning threads make a
     # tiny model 10x slower under load (measured: 0.12 s/it with 1 thread, 1.9 s/it with 2)
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1"
+    )
 
 
 def train_net_cmd(*args) -> List[str]:
@@ -111,8 +131,15 @@ def train_net_cmd(*args) -> List[str]:
 def run_train_net(*args, timeout: float = 240, threads: int = 1) -> subprocess.CompletedProcess:
     """train_net.py in its own process group: on a timeout the group is killed, also the
     processes launch() spawned."""
-    proc = subprocess.Popen(train_net_cmd(*args), cwd=REPO, env=env(threads), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        train_net_cmd(*args),
+        cwd=REPO,
+        env=env(threads),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

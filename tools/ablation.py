@@ -11,7 +11,8 @@ results is skipped, an interrupted one continues from its last checkpoint.
 
 Variants (configs/quickstart/):
 
-    retinanet               retinanet.yaml: focal loss + smooth L1 (beta 0.1), detectron2's RetinaNet
+    retinanet               retinanet.yaml: focal loss + smooth L1 (beta 0.1),
+                            detectron2's RetinaNet
     eapm_mu1.0/1.5/2.0      retinanet.yaml + EAPM focal loss (mu): the classification change only
     balanced_l1             eapm_retinanet.yaml with EAPM off: focal loss + balanced L1
                             (alpha 0.5, gamma 1.5, beta 0.11): the regression *loss* change only
@@ -48,10 +49,10 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from eapm.utils.results import read_results
+
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
-from collect_results import read_results  # noqa: E402
 
 
 class Variant(NamedTuple):
@@ -86,11 +87,21 @@ VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
         ),
         (
             "eapm_mu1.5_balanced_l1",
-            Variant(_EAPM, ("MODEL.EAPM.REG.ENABLED", "False"), "EAPM focal mu 1.5 + balanced L1", "balanced_l1"),
+            Variant(
+                _EAPM,
+                ("MODEL.EAPM.REG.ENABLED", "False"),
+                "EAPM focal mu 1.5 + balanced L1",
+                "balanced_l1",
+            ),
         ),
         (
             "eapm_mu1.5_theta1.0",
-            Variant(_EAPM, (), "EAPM focal mu 1.5 + EAPM balanced L1 theta 1.0", "eapm_mu1.5_balanced_l1"),
+            Variant(
+                _EAPM,
+                (),
+                "EAPM focal mu 1.5 + EAPM balanced L1 theta 1.0",
+                "eapm_mu1.5_balanced_l1",
+            ),
         ),
     ]
 )
@@ -102,7 +113,7 @@ _RESERVED = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER")
 # commands
 # ----------------------------------------------------------------------------
 def parse_seeds(spec: str) -> List[int]:
-    """"3" -> [1, 2, 3]; "1,5,9" -> [1, 5, 9]."""
+    """ "3" -> [1, 2, 3]; "1,5,9" -> [1, 5, 9]."""
     if "," in spec:
         return [int(s) for s in spec.split(",") if s.strip()]
     n = int(spec)
@@ -122,7 +133,11 @@ def _base_schedule(config: str, opts: Tuple[str, ...]) -> Dict:
     cfg.merge_from_file(os.path.join(REPO, config))
     cfg.merge_from_list(list(opts))
     s = cfg.SOLVER
-    return {"MAX_ITER": int(s.MAX_ITER), "STEPS": [int(x) for x in s.STEPS], "WARMUP_ITERS": int(s.WARMUP_ITERS)}
+    return {
+        "MAX_ITER": int(s.MAX_ITER),
+        "STEPS": [int(x) for x in s.STEPS],
+        "WARMUP_ITERS": int(s.WARMUP_ITERS),
+    }
 
 
 def base_schedule(config: str, opts: Sequence[str]) -> Dict:
@@ -148,7 +163,9 @@ def schedule_opts(base: Dict, iters: Optional[int]) -> List[str]:
     ]  # fmt: skip
 
 
-def run_command(variant: str, seed: int, out_dir: str, iters: Optional[int], opts: Sequence[str]) -> List[str]:
+def run_command(
+    variant: str, seed: int, out_dir: str, iters: Optional[int], opts: Sequence[str]
+) -> List[str]:
     v = VARIANTS[variant]
     sched = schedule_opts(base_schedule(v.config, list(v.opts) + list(opts)), iters)
     return [
@@ -189,30 +206,64 @@ def execute(variant: str, seed: int, out: str, iters, opts, dry_run=False, timeo
     record = _load_record(run_dir)
     if read_results(run_dir).ok:
         if record and record.get("command") != cmd:
-            print(f"[ablation] warning: {run_dir} has results from another command; kept (use a fresh --out)")
+            print(
+                f"[ablation] warning: {run_dir} has results from another command; "
+                "kept (use a fresh --out)"
+            )
         print(f"[ablation] {variant} seed {seed}: results exist, skipped")
-        return record or {"variant": variant, "seed": seed, "command": None, "wall_s": None, "returncode": 0}
+        return record or {
+            "variant": variant,
+            "seed": seed,
+            "command": None,
+            "wall_s": None,
+            "returncode": 0,
+        }
     # continue an interrupted run of the very same command from its last checkpoint
-    resume = bool(record and record.get("command") == cmd and os.path.isfile(os.path.join(run_dir, "last_checkpoint")))
+    resume = bool(
+        record
+        and record.get("command") == cmd
+        and os.path.isfile(os.path.join(run_dir, "last_checkpoint"))
+    )
     full = cmd[:2] + ["--resume"] + cmd[2:] if resume else cmd
     print(f"[ablation] {variant} seed {seed}: {' '.join(full)}", flush=True)
     if dry_run:
-        return {"variant": variant, "seed": seed, "command": cmd, "wall_s": None, "returncode": None}
+        return {
+            "variant": variant,
+            "seed": seed,
+            "command": cmd,
+            "wall_s": None,
+            "returncode": None,
+        }
     os.makedirs(run_dir, exist_ok=True)
     prev_wall = 0.0  # an interrupted run's record has no wall time: only the resumed part counts
-    record = {"variant": variant, "seed": seed, "command": cmd, "status": "running", "wall_s": None, "returncode": None}
+    record = {
+        "variant": variant,
+        "seed": seed,
+        "command": cmd,
+        "status": "running",
+        "wall_s": None,
+        "returncode": None,
+    }
     _save_record(run_dir, record)
     start = time.perf_counter()
     with open(os.path.join(run_dir, "train_net.out"), "a") as log:
         try:
-            rc = subprocess.run(full, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(
+                full, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = -9
     wall = time.perf_counter() - start + prev_wall
     ok = rc == 0 and read_results(run_dir).ok
-    record.update(status="done" if ok else "failed", wall_s=round(wall, 1), returncode=rc, resumed=resume)
+    record.update(
+        status="done" if ok else "failed", wall_s=round(wall, 1), returncode=rc, resumed=resume
+    )
     _save_record(run_dir, record)
-    print(f"[ablation] {variant} seed {seed}: {'done' if ok else f'FAILED (exit {rc})'} in {wall:.0f} s", flush=True)
+    print(
+        f"[ablation] {variant} seed {seed}: "
+        f"{'done' if ok else f'FAILED (exit {rc})'} in {wall:.0f} s",
+        flush=True,
+    )
     return record
 
 
@@ -269,7 +320,9 @@ def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
         if ref in variants:
             # paired over the seeds both variants have
             mine = {r["seed"]: r["metrics"]["AP"] for r in rows}
-            theirs = {r["seed"]: r["metrics"]["AP"] for r in runs if r["variant"] == ref and r["metrics"]}
+            theirs = {
+                r["seed"]: r["metrics"]["AP"] for r in runs if r["variant"] == ref and r["metrics"]
+            }
             diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
             mean, std = _mean_std(diffs)
             entry["delta_AP"] = {"mean": mean, "std": std, "n": len(diffs)}
@@ -279,7 +332,9 @@ def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
 
 def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters, opts) -> str:
     summary = summarize(out, variants, seeds)
-    datasets = sorted({r["dataset"] for r in summary["runs"] if r["dataset"]}) or ["the configs' DATASETS.TEST"]
+    datasets = sorted({r["dataset"] for r in summary["runs"] if r["dataset"]}) or [
+        "the configs' DATASETS.TEST"
+    ]
     lines = [
         "# EAPM ablation on the embedded dataset (eapm_shapes)",
         "",
@@ -288,8 +343,9 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
         f" iterations {iters if iters is not None else 'as in the configs'};"
         f" extra options: `{' '.join(opts) if opts else 'none'}`.",
         "",
-        f"Box AP (percent) on {', '.join(datasets)}: mean ± sample std over seeds. ΔAP: paired difference"
-        " to the reference variant (same seeds), mean ± std. Wall: mean seconds per run (train + eval).",
+        f"Box AP (percent) on {', '.join(datasets)}: mean ± sample std over seeds."
+        " ΔAP: paired difference to the reference variant (same seeds), mean ± std."
+        " Wall: mean seconds per run (train + eval).",
         "",
         "| variant | what | reference | runs | AP | AP50 | AP75 | ΔAP vs reference | wall (s) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -301,15 +357,20 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
             delta = "+" + delta
         wall = f"{e['wall_s_mean']:.0f}" if e["wall_s_mean"] is not None else "—"
         lines.append(
-            f"| {v} | {VARIANTS[v].description} | {e['reference'] or '—'} | {e['n']}/{len(seeds)} | "
+            f"| {v} | {VARIANTS[v].description} | {e['reference'] or '—'} | "
+            f"{e['n']}/{len(seeds)} | "
             + " | ".join(_ms(e[m]["mean"], e[m]["std"]) for m in SUMMARY_METRICS)
             + f" | {delta} | {wall} |"
         )
-    lines += ["", "## Runs", "", "| variant | seed | AP | AP50 | AP75 | APs | APm | APl | wall (s) | status |",
+    lines += ["", "## Runs", "",
+              "| variant | seed | AP | AP50 | AP75 | APs | APm | APl | wall (s) | status |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in summary["runs"]:
         m = r["metrics"] or {}
-        vals = " | ".join(_ms(m.get(k), None) if k in m else "—" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        vals = " | ".join(
+            _ms(m.get(k), None) if k in m else "—"
+            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        )
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
         lines.append(f"| {r['variant']} | {r['seed']} | {vals} | {wall} | {r['status']} |")
     lines += ["", "## Variants", ""]
@@ -320,26 +381,55 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
     with open(os.path.join(out, "ablation.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "ablation.json"), "w") as fh:
-        json.dump({"seeds": list(seeds), "iters": iters, "opts": list(opts), **summary}, fh, indent=1)
+        json.dump(
+            {"seeds": list(seeds), "iters": iters, "opts": list(opts), **summary}, fh, indent=1
+        )
     return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("output", "ablation"), help="output folder (default output/ablation)")
-    ap.add_argument("--seeds", default="3", help="N (seeds 1..N, default 3) or a list such as 1,2,3")
-    ap.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (schedule scaled); default: the configs'")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (default: all; see --list)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        default=os.path.join("output", "ablation"),
+        help="output folder (default output/ablation)",
+    )
+    ap.add_argument(
+        "--seeds", default="3", help="N (seeds 1..N, default 3) or a list such as 1,2,3"
+    )
+    ap.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="SOLVER.MAX_ITER (schedule scaled); default: the configs'",
+    )
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset (default: all; see --list)",
+    )
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    ap.add_argument("--report-only", action="store_true", help="only (re)write ablation.md from the run folders")
+    ap.add_argument(
+        "--report-only", action="store_true", help="only (re)write ablation.md from the run folders"
+    )
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
-    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE ... passed to every run (last)")
+    ap.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE ... passed to every run (last)",
+    )
     args = ap.parse_args(argv)
 
     if args.list:
         for name, v in VARIANTS.items():
-            print(f"{name:24s} {v.description}  [{v.config} {' '.join(v.opts)}]  reference: {v.reference or '-'}")
+            print(
+                f"{name:24s} {v.description}  [{v.config} {' '.join(v.opts)}]  "
+                f"reference: {v.reference or '-'}"
+            )
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -367,7 +457,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text, end="")
     print(f"[ablation] wrote {os.path.join(out, 'ablation.md')}")
     if failed:
-        print(f"[ablation] failed runs: {', '.join(failed)} (see <run>/train_net.out)", file=sys.stderr)
+        print(
+            f"[ablation] failed runs: {', '.join(failed)} (see <run>/train_net.out)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -30,13 +30,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import eapm  # noqa: F401
-except ImportError:  # not pip-installed: use the source tree
-    sys.path.insert(0, os.path.join(REPO, "projects"))
-
-from eapm.losses import (  # noqa: E402
+from eapm.losses import (
     balanced_l1_loss,
     difficulty,
     eapm_balanced_l1_loss,
@@ -46,6 +40,7 @@ from eapm.losses import (  # noqa: E402
     sigmoid_focal_loss,
 )
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUS = (1.0, 1.5, 2.0)
 THETAS = (1.0, 1.5, 2.0)
 GAMMA = 2.0
@@ -75,7 +70,9 @@ def focal_input(dif: torch.Tensor, positive: bool):
     return torch.logit(p), t
 
 
-def focal_grad(dif: torch.Tensor, positive: bool, mu: Optional[float], alpha: float, gamma: float = GAMMA) -> torch.Tensor:
+def focal_grad(
+    dif: torch.Tensor, positive: bool, mu: Optional[float], alpha: float, gamma: float = GAMMA
+) -> torch.Tensor:
     """|dL/dx| of focal loss (mu None) or EAPM focal loss (mu) at the given difficulties."""
     x, t = focal_input(dif, positive)
     x.requires_grad_(True)
@@ -97,7 +94,9 @@ def box_deltas(error: torch.Tensor, shape_sum: float):
     """(N, 4) predicted / target deltas whose dw column has |t - t*| = error and
     |t| + |t*| = shape_sum (both >= 0, so GoS = error / shape_sum); dx, dy, dh are 0."""
     if float(error.max()) > shape_sum + 1e-12:
-        raise ValueError(f"|t - t*| <= |t| + |t*| = {shape_sum}, got an error of {float(error.max())}")
+        raise ValueError(
+            f"|t - t*| <= |t| + |t*| = {shape_sum}, got an error of {float(error.max())}"
+        )
     t = torch.zeros(error.numel(), 4, dtype=DTYPE)
     g = torch.zeros_like(t)
     t[:, 2] = (shape_sum + error) / 2
@@ -134,7 +133,11 @@ def focal_properties(alpha: float) -> Dict:
     dif = dif_grid()
     fl_pos = focal_grad(dif, True, None, alpha)
     fl_neg = focal_grad(dif, False, None, alpha)
-    out: Dict = {"alpha": alpha, "gamma": GAMMA, "focal_max_grad": {"pos": _r(fl_pos.max()), "neg": _r(fl_neg.max())}}
+    out: Dict = {
+        "alpha": alpha,
+        "gamma": GAMMA,
+        "focal_max_grad": {"pos": _r(fl_pos.max()), "neg": _r(fl_neg.max())},
+    }
 
     # the package's focal loss against fvcore's (an independent implementation)
     from fvcore.nn import sigmoid_focal_loss as fv_focal
@@ -157,7 +160,9 @@ def focal_properties(alpha: float) -> Dict:
             mid = (dif >= MID_RANGE[0]) & (dif <= MID_RANGE[1])
             below = torch.nonzero(ratio < 1.0)
             parts[part] = {
-                "ratio_at": {str(d): _r(_at(dif, ratio, d)) for d in (0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99)},
+                "ratio_at": {
+                    str(d): _r(_at(dif, ratio, d)) for d in (0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
+                },
                 "easy_max_abs_change": float(change[easy].abs().max()),
                 "easy_max_abs_change_rel_to_max_grad": float(change[easy].abs().max() / fl.max()),
                 "hard_max_rel_change": float((ratio[hard] - 1).abs().max()),
@@ -202,23 +207,35 @@ def regression_properties() -> Dict:
         # ratio at a fixed error |d| as the shape variation |t| + |t*| grows
         fixed = torch.full((1,), FIXED_ERROR, dtype=DTYPE)
         by_sum = torch.stack(
-            [reg_grad(fixed, float(s), "eapm", theta)[0] / reg_grad(fixed, float(s), "balanced_l1")[0] for s in sums]
+            [
+                reg_grad(fixed, float(s), "eapm", theta)[0]
+                / reg_grad(fixed, float(s), "balanced_l1")[0]
+                for s in sums
+            ]
         )
         thetas[str(theta)] = {
-            "ratio_at_error": {str(d): _r(_at(err, ratio, d)) for d in (0.05, 0.15, 0.3, 0.5, 0.75, 0.95, 1.2, 1.5)},
+            "ratio_at_error": {
+                str(d): _r(_at(err, ratio, d)) for d in (0.05, 0.15, 0.3, 0.5, 0.75, 0.95, 1.2, 1.5)
+            },
             "inlier_min_ratio": float(ratio[inlier].min()),
             "inlier_max_ratio": float(ratio[inlier].max()),
             "outlier_max_rel_change": float((ratio[~inlier] - 1).abs().max()),
             "never_below_balanced_l1": bool((g >= bl1 * (1 - 1e-12)).all()),
-            "ratio_at_fixed_error_by_shape_sum": {str(_r(s, 3)): _r(v) for s, v in zip(sums.tolist(), by_sum.tolist())},
-            "ratio_fixed_error_monotone_in_shape_sum": bool((by_sum[1:] >= by_sum[:-1] - 1e-12).all()),
+            "ratio_at_fixed_error_by_shape_sum": {
+                str(_r(s, 3)): _r(v) for s, v in zip(sums.tolist(), by_sum.tolist())
+            },
+            "ratio_fixed_error_monotone_in_shape_sum": bool(
+                (by_sum[1:] >= by_sum[:-1] - 1e-12).all()
+            ),
         }
         # gradient semantics: EAPM's gradient = balanced L1's gradient at t' = t* + MF (t - t*)
         t, tg = box_deltas(err, SHAPE_SUM)
         mf = modulating_factor(gap_over_sum(t, tg), theta)
         mf[:, :2] = 1.0  # dx, dy are not modulated
         t_mod = tg + mf * (t - tg)
-        at_mod = _grad_of(lambda z: balanced_l1_loss(z, tg, reduction="sum", **BL1), t_mod)[:, 2].abs()
+        at_mod = _grad_of(lambda z: balanced_l1_loss(z, tg, reduction="sum", **BL1), t_mod)[
+            :, 2
+        ].abs()
         sem_err = max(sem_err, float(((at_mod - g) / g).abs().max()))
     out["theta"] = thetas
     out["semantics_max_rel_diff"] = sem_err
@@ -233,20 +250,29 @@ def claims(focal: Dict, reg: Dict) -> Dict[str, bool]:
     small_error = [reg["theta"][str(t)]["ratio_at_error"]["0.05"] for t in THETAS]
     return {
         # Fig. 3 (a): easy and very hard examples nearly unaffected, the others up-weighted
-        "focal_easy_nearly_unchanged": all(p["easy_max_abs_change_rel_to_max_grad"] < 0.01 for p in parts),
+        "focal_easy_nearly_unchanged": all(
+            p["easy_max_abs_change_rel_to_max_grad"] < 0.01 for p in parts
+        ),
         "focal_very_hard_nearly_unchanged": all(p["hard_max_rel_change"] < 0.05 for p in parts),
         "focal_medium_raised": all(p["mid_min_ratio"] > 1.1 for p in parts),
         "focal_pos_neg_symmetric_without_alpha": focal["alpha"] >= 0
         or all(m["pos"]["ratio_at"] == m["neg"]["ratio_at"] for m in focal["mu"].values()),
         # fvcore computes in float32: agreement to float32 rounding
-        "focal_matches_fvcore": focal["fvcore_max_abs_diff"] < 1e-5 * max(focal["focal_max_grad"].values()),
-        "focal_gradient_is_base_gradient_at_modulated_point": focal["semantics_max_rel_diff"] < 1e-6,
+        "focal_matches_fvcore": focal["fvcore_max_abs_diff"]
+        < 1e-5 * max(focal["focal_max_grad"].values()),
+        "focal_gradient_is_base_gradient_at_modulated_point": focal["semantics_max_rel_diff"]
+        < 1e-6,
         # Fig. 4: balanced L1 raises inliers over smooth L1; EAPM raises inliers further
         "bl1_raises_inliers_over_smooth_l1": reg["bl1_over_smooth_l1_min_ratio_inliers"] > 1.0,
-        "eapm_reg_raises_inliers": all(t["inlier_min_ratio"] > 1.0 and t["never_below_balanced_l1"] for t in th),
+        "eapm_reg_raises_inliers": all(
+            t["inlier_min_ratio"] > 1.0 and t["never_below_balanced_l1"] for t in th
+        ),
         "eapm_reg_outliers_unchanged": all(t["outlier_max_rel_change"] < 1e-9 for t in th),
-        "eapm_reg_up_weighting_grows_with_shape_variation": all(t["ratio_fixed_error_monotone_in_shape_sum"] for t in th),
-        "eapm_reg_small_errors_up_weighted_more_for_larger_theta": small_error == sorted(small_error),
+        "eapm_reg_up_weighting_grows_with_shape_variation": all(
+            t["ratio_fixed_error_monotone_in_shape_sum"] for t in th
+        ),
+        "eapm_reg_small_errors_up_weighted_more_for_larger_theta": small_error
+        == sorted(small_error),
         "reg_gradient_is_base_gradient_at_modulated_point": reg["semantics_max_rel_diff"] < 1e-6,
     }
 
@@ -267,11 +293,18 @@ def plot_focal(path: str, alpha: float) -> None:
     dif = dif_grid()
     alpha_txt = "alpha disabled" if alpha < 0 else f"alpha = {alpha:g}"
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
-    for ax, (part, positive) in zip(axes[:2], (("positives (p* = 1)", True), ("negatives (p* = 0)", False))):
+    for ax, (part, positive) in zip(
+        axes[:2], (("positives (p* = 1)", True), ("negatives (p* = 0)", False))
+    ):
         fl = focal_grad(dif, positive, None, alpha)
         ax.plot(dif, fl, color=COLORS[None], lw=2, label="focal loss")
         for mu in MUS:
-            ax.plot(dif, focal_grad(dif, positive, mu, alpha), color=COLORS[mu], label=f"EAPM, mu = {mu:g}")
+            ax.plot(
+                dif,
+                focal_grad(dif, positive, mu, alpha),
+                color=COLORS[mu],
+                label=f"EAPM, mu = {mu:g}",
+            )
         ax.set_title(f"{part}")
         ax.set_xlabel("Dif = |p - p*|")
         ax.set_ylabel("|dL/dx|")
@@ -293,7 +326,10 @@ def plot_focal(path: str, alpha: float) -> None:
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.suptitle(f"EAPM with focal loss: gradient w.r.t. the logit (gamma = {GAMMA:g}, {alpha_txt})", fontsize=11)
+    fig.suptitle(
+        f"EAPM with focal loss: gradient w.r.t. the logit (gamma = {GAMMA:g}, {alpha_txt})",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -308,10 +344,23 @@ def plot_regression(path: str) -> None:
     err = torch.linspace(0.0, SHAPE_SUM, 301, dtype=DTYPE)[1:]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
     ax = axes[0]
-    ax.plot(err, reg_grad(err, SHAPE_SUM, "smooth_l1"), color="tab:gray", lw=2, label=f"smooth L1 (beta {SMOOTH_L1_BETA:g})")
-    ax.plot(err, reg_grad(err, SHAPE_SUM, "balanced_l1"), color=COLORS[None], lw=2, label="balanced L1")
+    ax.plot(
+        err,
+        reg_grad(err, SHAPE_SUM, "smooth_l1"),
+        color="tab:gray",
+        lw=2,
+        label=f"smooth L1 (beta {SMOOTH_L1_BETA:g})",
+    )
+    ax.plot(
+        err, reg_grad(err, SHAPE_SUM, "balanced_l1"), color=COLORS[None], lw=2, label="balanced L1"
+    )
     for theta in THETAS:
-        ax.plot(err, reg_grad(err, SHAPE_SUM, "eapm", theta), color=COLORS[theta], label=f"EAPM, theta = {theta:g}")
+        ax.plot(
+            err,
+            reg_grad(err, SHAPE_SUM, "eapm", theta),
+            color=COLORS[theta],
+            label=f"EAPM, theta = {theta:g}",
+        )
     ax.set_title(f"|t_j| + |t*_j| = {SHAPE_SUM:g} (GoS = |d| / {SHAPE_SUM:g})")
     ax.set_xlabel("|d| = |t_j - t*_j|")
     ax.set_ylabel("|dL/dt_j|")
@@ -333,7 +382,8 @@ def plot_regression(path: str) -> None:
     ax.legend(fontsize=8)
     b = BL1
     fig.suptitle(
-        f"EAPM with balanced L1 (alpha {b['alpha']:g}, gamma {b['gamma']:g}, beta {b['beta']:g}): gradient w.r.t. t_w",
+        f"EAPM with balanced L1 (alpha {b['alpha']:g}, gamma {b['gamma']:g}, beta {b['beta']:g}): "
+        "gradient w.r.t. t_w",
         fontsize=11,
     )
     fig.tight_layout()
@@ -350,32 +400,40 @@ def format_report(props: Dict) -> str:
     lines = [
         "EAPM gradient properties (tools/plot_gradients.py; float64 autograd through eapm.losses)",
         "",
-        f"Focal loss, gamma {f['gamma']:g}, alpha {alpha_txt}; max |dL/dx| of focal loss: {f['focal_max_grad']}",
+        f"Focal loss, gamma {f['gamma']:g}, alpha {alpha_txt}; "
+        f"max |dL/dx| of focal loss: {f['focal_max_grad']}",
         f"  package focal loss vs fvcore's: max |grad diff| {f['fvcore_max_abs_diff']:.2e}",
-        f"  EAPM grad vs focal grad at the modulated logit: max rel diff {f['semantics_max_rel_diff']:.2e}",
+        f"  EAPM grad vs focal grad at the modulated logit: "
+        f"max rel diff {f['semantics_max_rel_diff']:.2e}",
     ]
     for mu, parts in f["mu"].items():
         p = parts["pos"]
         lines += [
-            f"  mu {mu}: ratio EAPM/focal at Dif " + ", ".join(f"{k}: {v:.3f}" for k, v in p["ratio_at"].items()),
+            f"  mu {mu}: ratio EAPM/focal at Dif "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in p["ratio_at"].items()),
             f"    easy (Dif <= {EASY_DIF}): max |change| {p['easy_max_abs_change']:.4f}"
             f" = {100 * p['easy_max_abs_change_rel_to_max_grad']:.2f}% of the max focal gradient",
             f"    very hard (Dif >= {HARD_DIF}): max |ratio - 1| {p['hard_max_rel_change']:.4f}",
             f"    medium (Dif in {list(MID_RANGE)}): min ratio {p['mid_min_ratio']:.3f};"
-            f" largest increase {p['max_abs_increase']:.3f} ({100 * p['max_abs_increase_rel_to_max_grad']:.1f}% of the"
-            f" max focal gradient) at Dif {p['max_abs_increase_at_dif']}; ratio < 1 from Dif {p['ratio_falls_below_1_at_dif']}",
+            f" largest increase {p['max_abs_increase']:.3f}"
+            f" ({100 * p['max_abs_increase_rel_to_max_grad']:.1f}% of the"
+            f" max focal gradient) at Dif {p['max_abs_increase_at_dif']};"
+            f" ratio < 1 from Dif {p['ratio_falls_below_1_at_dif']}",
         ]
     lines += [
         "",
         f"Balanced L1 (alpha {r['balanced_l1']['alpha']:g}, gamma {r['balanced_l1']['gamma']:g},"
         f" beta {r['balanced_l1']['beta']:g}) at |t_j| + |t*_j| = {r['shape_sum']:g}:",
         f"  balanced L1 / smooth L1 (beta {r['smooth_l1_beta']:g}) on inliers: min ratio"
-        f" {r['bl1_over_smooth_l1_min_ratio_inliers']:.3f}; outlier gradient {r['bl1_outlier_grad']}",
-        f"  EAPM grad vs balanced L1 grad at the modulated delta: max rel diff {r['semantics_max_rel_diff']:.2e}",
+        f" {r['bl1_over_smooth_l1_min_ratio_inliers']:.3f};"
+        f" outlier gradient {r['bl1_outlier_grad']}",
+        f"  EAPM grad vs balanced L1 grad at the modulated delta: "
+        f"max rel diff {r['semantics_max_rel_diff']:.2e}",
     ]
     for theta, t in r["theta"].items():
         lines += [
-            f"  theta {theta}: ratio EAPM/BL1 at |d| " + ", ".join(f"{k}: {v:.3f}" for k, v in t["ratio_at_error"].items()),
+            f"  theta {theta}: ratio EAPM/BL1 at |d| "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in t["ratio_at_error"].items()),
             f"    inliers: ratio in [{t['inlier_min_ratio']:.4f}, {t['inlier_max_ratio']:.3f}];"
             f" outliers: max |ratio - 1| {t['outlier_max_rel_change']:.1e}",
             f"    at |d| = {r['fixed_error']:g}, ratio by |t|+|t*|: "
@@ -399,10 +457,15 @@ FIGURES = ("eapm_focal_gradient.png", "eapm_balanced_l1_gradient.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "figures"), help="output folder")
     ap.add_argument(
-        "--alpha", type=float, default=-1.0, help="focal loss alpha; < 0 disables it (default, as the paper's Fig. 3)"
+        "--alpha",
+        type=float,
+        default=-1.0,
+        help="focal loss alpha; < 0 disables it (default, as the paper's Fig. 3)",
     )
     ap.add_argument("--no-plots", action="store_true", help="only compute and write the properties")
     args = ap.parse_args(argv)

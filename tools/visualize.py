@@ -19,39 +19,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import eapm  # noqa: F401
-except ImportError:  # not pip-installed: use the source tree
-    sys.path.insert(0, os.path.join(REPO, "projects"))
-    import eapm  # noqa: F401
+import eapm  # noqa: F401  (registers the project's models and datasets)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def setup_cfg(args):
-    import torch
-    from detectron2.config import get_cfg
-
     from eapm.data import register_from_config
 
-    cfg = get_cfg()
-    eapm.add_eapm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
-    cfg.MODEL.WEIGHTS = args.weights
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
-        cfg.MODEL.DEVICE = "cpu"
     t = float(args.score_thresh)
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = t
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = t
-    cfg.MODEL.FCOS.SCORE_THRESH_TEST = min(t, 0.999)
-    eapm.validate_eapm_config(cfg)
+    opts = [
+        *args.opts,
+        "MODEL.WEIGHTS", args.weights,
+        "MODEL.RETINANET.SCORE_THRESH_TEST", t,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", t,
+        "MODEL.FCOS.SCORE_THRESH_TEST", min(t, 0.999),
+    ]  # fmt: skip
+    cfg = eapm.load_config(args.config_file, opts, training=False)
     cfg.freeze()
     register_from_config(cfg)
     return cfg
@@ -129,16 +117,39 @@ def visualize(cfg, inputs: Sequence[Dict], dataset: Optional[str], output: str, 
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config-file", required=True, metavar="FILE")
-    ap.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl / detectron2:// URL); '' = random init")
-    ap.add_argument("--input", required=True, help="image file, image folder or registered dataset name")
+    ap.add_argument(
+        "--weights",
+        required=True,
+        help="checkpoint (.pth / .pkl / detectron2:// URL); '' = random init",
+    )
+    ap.add_argument(
+        "--input", required=True, help="image file, image folder or registered dataset name"
+    )
     ap.add_argument("--output", required=True, help="output folder for the PNGs")
-    ap.add_argument("--score-thresh", type=float, default=0.3, help="minimum detection score (default 0.3)")
-    ap.add_argument("--num", type=int, default=None, help="at most this many images (default: 16 of a dataset, all files)")
-    ap.add_argument("--show-gt", action="store_true", help="dataset input: draw the ground truth next to the predictions")
-    ap.add_argument("--scale", type=float, default=None, help="drawing scale (default: longer side >= 512 px)")
-    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    ap.add_argument(
+        "--score-thresh", type=float, default=0.3, help="minimum detection score (default 0.3)"
+    )
+    ap.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="at most this many images (default: 16 of a dataset, all files)",
+    )
+    ap.add_argument(
+        "--show-gt",
+        action="store_true",
+        help="dataset input: draw the ground truth next to the predictions",
+    )
+    ap.add_argument(
+        "--scale", type=float, default=None, help="drawing scale (default: longer side >= 512 px)"
+    )
+    ap.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ..."
+    )
     return ap
 
 

@@ -5,6 +5,7 @@ The config validation (``eapm.config.validate_config``) asks the *registered cla
 subclass of an EAPM model inherits its capabilities, and a class that cannot honour a
 switched-on key is rejected with a ``ValueError`` naming the key.
 """
+
 from __future__ import annotations
 
 __all__ = ["SupportsEAPMFocal", "SupportsEAPMBalancedL1"]

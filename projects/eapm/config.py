@@ -9,10 +9,10 @@ constructor arguments of the EAPM modules.
 * ``eapm_kwargs(cfg)`` turns the config into the constructor arguments of every EAPM
   module; the modules' ``from_config`` take theirs from it and nothing else.
 """
+
 from __future__ import annotations
 
 import math
-
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
@@ -270,7 +270,9 @@ def _validate_values(cfg: CN) -> None:
     _int_at_least(cfg, "MODEL.EAPM.HISTOGRAM_PERIOD", 0)
     _require(isinstance(e.COMPILE, bool), "MODEL.EAPM.COMPILE", "must be True or False", e.COMPILE)
     for k in ("ALPHA", "GAMMA", "BETA"):
-        _checked(cfg, f"MODEL.BALANCED_L1.{k}", lambda v: check_balanced_l1_params(**{k.lower(): v}))
+        _checked(
+            cfg, f"MODEL.BALANCED_L1.{k}", lambda v: check_balanced_l1_params(**{k.lower(): v})
+        )
     _one_of(cfg, "SOLVER.OPTIMIZER", ("SGD", "ADAMW"))
     _one_of(cfg, "MODEL.LOSS_NORMALIZER.TYPE", LOSS_NORMALIZERS)
     _one_of(cfg, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
@@ -356,7 +358,11 @@ def _validate_capabilities(cfg: CN) -> None:
             f"{where} has no EAPM balanced L1 box loss and would train without it; use {use}",
         )
     if loss_key and _get(cfg, loss_key) == "balanced_l1" and not supports_bl1:
-        _fail(owner_key, _get(cfg, owner_key), f"it has no 'balanced_l1' box loss ({loss_key}); use {use}")
+        _fail(
+            owner_key,
+            _get(cfg, owner_key),
+            f"it has no 'balanced_l1' box loss ({loss_key}); use {use}",
+        )
     if supports_bl1:
         _checked(
             cfg,
@@ -468,9 +474,7 @@ def eapm_kwargs(cfg: CN) -> Dict[str, Dict[str, Any]]:
             test_nms_thresh=fc.NMS_THRESH_TEST,
             **common,
         ),
-        "EAPMFastRCNNOutputLayers": dict(
-            eapm_reg_theta=theta, balanced_l1=balanced_l1, **common
-        ),
+        "EAPMFastRCNNOutputLayers": dict(eapm_reg_theta=theta, balanced_l1=balanced_l1, **common),
         "LibraROIHeads": dict(
             iou_balanced_num_bins=int(rh.IOU_BALANCED_NUM_BINS),
             iou_balanced_floor_thresh=float(rh.IOU_BALANCED_FLOOR_THRESH),
@@ -478,7 +482,9 @@ def eapm_kwargs(cfg: CN) -> Dict[str, Dict[str, Any]]:
             instance_balanced_pos=bool(rh.INSTANCE_BALANCED_POS),
         ),
         "BalancedFeaturePyramid": (
-            dict(refine_level=int(cfg.MODEL.BFP.REFINE_LEVEL), refine_type=cfg.MODEL.BFP.REFINE_TYPE)
+            dict(
+                refine_level=int(cfg.MODEL.BFP.REFINE_LEVEL), refine_type=cfg.MODEL.BFP.REFINE_TYPE
+            )
             if cfg.MODEL.BFP.ENABLED
             else None
         ),

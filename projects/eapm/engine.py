@@ -1,5 +1,6 @@
 """The project's trainer: detectron2's DefaultTrainer with COCO evaluation, the
 dataset registration of this project, and multi-process training on CPUs."""
+
 from __future__ import annotations
 
 import contextlib

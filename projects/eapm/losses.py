@@ -23,13 +23,15 @@ Numerics of the focal part.  With the error ``e = |p - p*| = sigmoid(s)``,
 one, so ``1 - e'`` is never formed by subtraction: with ``u = 1 - e = sigmoid(-s)``
 and ``MF - 1 = tanh(mu) - tanh(mu e) = sinh(mu u) / (cosh(mu) cosh(mu e)) = u * r``,
 
-    1 - e' = u * (1 - e * r),   r = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e))),
+    1 - e' = u * (1 - e * r),
+    r = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e))),
 
 with ``expm1c(z) = (1 - exp(-z)) / z``: only exponentials of non-positive arguments, so no
 overflow for any mu. The bracket lies in [1 - mu sech^2(mu), 1] (>= 0.55 for every
 mu >= 0), so ``log(1 - e') = logsigmoid(-s) + log1p(-e r)`` is exact to rounding even for
 logits of +-100 in float32.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,7 +90,9 @@ def gap_over_sum(input: Tensor, target: Tensor) -> Tensor:
     g = target.to(t.dtype)
     num = (t - g).abs()
     den = t.abs() + g.abs()
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(num))
+    return torch.where(
+        den > 0, num / den.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(num)
+    )
 
 
 def modulating_factor(attribute: Tensor, strength: float) -> Tensor:
@@ -132,7 +136,9 @@ class _ClosedForm(torch.autograd.Function):
     known in closed form)."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, value: Tensor, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, input: Tensor, value: Tensor, grad: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(grad)
         ctx.input_dtype = input.dtype
         return value
@@ -187,7 +193,7 @@ def clear_compiled_kernels() -> None:
 
 
 def compiled_kernel_state(name: str) -> str:
-    """"not compiled", "compiled" or "failed (eager)" for the kernel ``name`` in this
+    """ "not compiled", "compiled" or "failed (eager)" for the kernel ``name`` in this
     process (``name``: one of the kernel names, e.g. "_focal_sum", "_bl1_kernel")."""
     key = (name, True)
     if key not in _COMPILED_KERNELS:
@@ -339,7 +345,9 @@ def _focal_terms(
 
 
 @_kernel
-def _focal_sum(x: Tensor, t: Tensor, mu: float, alpha: float, gamma: float) -> Tuple[Tensor, Tensor, Tensor]:
+def _focal_sum(
+    x: Tensor, t: Tensor, mu: float, alpha: float, gamma: float
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Summed loss, per-element gradient and the diagnostic sums
     [sum Dif over positives, over negatives, sum MF over positives, over negatives,
     number of positives], fused in one pass."""
@@ -350,7 +358,9 @@ def _focal_sum(x: Tensor, t: Tensor, mu: float, alpha: float, gamma: float) -> T
     return loss.sum(), grad, stats
 
 
-def _focal_args(inputs: Tensor, targets: Tensor, mu, alpha, gamma) -> Tuple[Tensor, Tensor, float, float, float]:
+def _focal_args(
+    inputs: Tensor, targets: Tensor, mu, alpha, gamma
+) -> Tuple[Tensor, Tensor, float, float, float]:
     """Validated kernel arguments: detached float32+ logits, targets of their dtype, floats."""
     mu = check_eapm_param(mu, "mu")
     _check_focal_args(inputs, targets, alpha, gamma)
@@ -360,7 +370,10 @@ def _focal_args(inputs: Tensor, targets: Tensor, mu, alpha, gamma) -> Tuple[Tens
 
 def _check_focal_args(inputs: Tensor, targets: Tensor, alpha: float, gamma: float) -> None:
     if inputs.shape != targets.shape:
-        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} "
+            "must have the same shape"
+        )
     if not math.isfinite(alpha) or alpha > 1:
         raise ValueError(f"alpha must be <= 1 (< 0 disables it), got {alpha}")
     if not math.isfinite(gamma) or gamma < 0:
@@ -394,7 +407,9 @@ def eapm_sigmoid_focal_loss(
     """
     _check_reduction(reduction)
     if reduction == "none":
-        return eapm_focal_terms(inputs, targets, mu, alpha, gamma, compile_kernels=compile_kernels)[0]
+        return eapm_focal_terms(inputs, targets, mu, alpha, gamma, compile_kernels=compile_kernels)[
+            0
+        ]
     loss, _ = eapm_focal_loss_sum_with_stats(
         inputs, targets, mu, alpha, gamma, compile_kernels=compile_kernels
     )
@@ -517,12 +532,23 @@ def eapm_balanced_l1_loss(
     dx and dy are not. ``theta == 0`` is exactly the balanced L1 loss.
     """
     if input.shape[-1:] != (4,):
-        raise ValueError(f"eapm_balanced_l1_loss expects (..., 4) box deltas, got {tuple(input.shape)}")
+        raise ValueError(
+            f"eapm_balanced_l1_loss expects (..., 4) box deltas, got {tuple(input.shape)}"
+        )
     return _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, True, compile_kernels)
 
 
 @_kernel
-def _bl1_kernel(t: Tensor, g: Tensor, wh: Optional[Tensor], theta: float, alpha: float, gamma: float, beta: float, reduce: bool):
+def _bl1_kernel(
+    t: Tensor,
+    g: Tensor,
+    wh: Optional[Tensor],
+    theta: float,
+    alpha: float,
+    gamma: float,
+    beta: float,
+    reduce: bool,
+):
     """(loss or its sum, d loss / d t) of (EAPM) balanced L1 in one pass. ``wh`` is 1 on
     the modulated (dw, dh) entries and 0 elsewhere, a full tensor of the inputs' shape so
     that the compiled kernel is one flat, vectorisable loop (GoS is defined for w, h)."""
@@ -540,7 +566,9 @@ def _eapm_bl1(input, target, theta, alpha, gamma, beta, reduction, modulate, com
     _check_reduction(reduction)
     check_balanced_l1_params(alpha, gamma, beta)
     if input.shape != target.shape:
-        raise ValueError(f"input {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape")
+        raise ValueError(
+            f"input {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape"
+        )
     t = _to_float(input).detach()
     g = target.to(t.dtype)
     reduce = reduction != "none"

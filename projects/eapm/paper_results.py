@@ -7,6 +7,7 @@ Values are box AP in percent: (AP, AP50, AP75, APs, APm, APl). Tables 1 and 2 ar
 
 Used by ``tools/collect_results.py --paper``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -29,7 +30,10 @@ class PaperRow(NamedTuple):
 
 
 def _rows(table: str, dataset: str, rows) -> Dict[Tuple[str, str], PaperRow]:
-    return {(config, dataset): PaperRow(table, setting, dataset, tuple(values)) for config, setting, values in rows}
+    return {
+        (config, dataset): PaperRow(table, setting, dataset, tuple(values))
+        for config, setting, values in rows
+    }
 
 
 # (config name, the paper's row label, values); Table 2's first row repeats Table 1's
@@ -40,14 +44,42 @@ PAPER_ROWS.update(
         "Table 1",
         VAL,
         [
-            ("libra_retinanet_R_50_FPN_1x", "Libra RetinaNet", (37.6, 56.9, 40.1, 21.7, 41.5, 49.6)),
-            ("libra_retinanet_R_50_FPN_1x_eapm_mu1.0", "Libra RetinaNet, mu = 1.0", (37.9, 58.1, 40.2, 22.4, 41.9, 49.0)),
-            ("libra_retinanet_R_50_FPN_1x_eapm_mu1.5", "Libra RetinaNet, mu = 1.5", (38.2, 58.0, 40.7, 22.4, 41.5, 50.3)),
-            ("libra_retinanet_R_50_FPN_1x_eapm_mu2.0", "Libra RetinaNet, mu = 2.0", (38.0, 58.0, 40.5, 22.3, 41.6, 49.7)),
+            (
+                "libra_retinanet_R_50_FPN_1x",
+                "Libra RetinaNet",
+                (37.6, 56.9, 40.1, 21.7, 41.5, 49.6),
+            ),
+            (
+                "libra_retinanet_R_50_FPN_1x_eapm_mu1.0",
+                "Libra RetinaNet, mu = 1.0",
+                (37.9, 58.1, 40.2, 22.4, 41.9, 49.0),
+            ),
+            (
+                "libra_retinanet_R_50_FPN_1x_eapm_mu1.5",
+                "Libra RetinaNet, mu = 1.5",
+                (38.2, 58.0, 40.7, 22.4, 41.5, 50.3),
+            ),
+            (
+                "libra_retinanet_R_50_FPN_1x_eapm_mu2.0",
+                "Libra RetinaNet, mu = 2.0",
+                (38.0, 58.0, 40.5, 22.3, 41.6, 49.7),
+            ),
             ("retinanet_R_50_FPN_1x", "RetinaNet", (35.6, 55.5, 38.3, 20.0, 39.6, 46.8)),
-            ("retinanet_R_50_FPN_1x_eapm_mu1.0", "RetinaNet, mu = 1.0", (37.0, 56.6, 39.5, 20.4, 40.4, 49.1)),
-            ("retinanet_R_50_FPN_1x_eapm_mu1.5", "RetinaNet, mu = 1.5", (37.1, 56.6, 39.6, 20.5, 40.6, 49.1)),
-            ("retinanet_R_50_FPN_1x_eapm_mu2.0", "RetinaNet, mu = 2.0", (36.7, 55.9, 39.3, 20.7, 40.0, 48.2)),
+            (
+                "retinanet_R_50_FPN_1x_eapm_mu1.0",
+                "RetinaNet, mu = 1.0",
+                (37.0, 56.6, 39.5, 20.4, 40.4, 49.1),
+            ),
+            (
+                "retinanet_R_50_FPN_1x_eapm_mu1.5",
+                "RetinaNet, mu = 1.5",
+                (37.1, 56.6, 39.6, 20.5, 40.6, 49.1),
+            ),
+            (
+                "retinanet_R_50_FPN_1x_eapm_mu2.0",
+                "RetinaNet, mu = 2.0",
+                (36.7, 55.9, 39.3, 20.7, 40.0, 48.2),
+            ),
             ("fcos_R_50_FPN_1x", "FCOS", (35.7, 55.8, 38.4, 20.2, 39.2, 47.0)),
             ("fcos_R_50_FPN_1x_eapm_mu1.0", "FCOS, mu = 1.0", (36.9, 56.7, 39.2, 21.3, 40.7, 48.2)),
             ("fcos_R_50_FPN_1x_eapm_mu1.5", "FCOS, mu = 1.5", (37.1, 56.8, 39.4, 22.3, 40.8, 47.8)),
@@ -76,9 +108,21 @@ PAPER_ROWS.update(
                 (38.3, 58.0, 40.9, 22.2, 41.8, 49.8),
             ),
             ("libra_rcnn_R_50_FPN_1x", "Libra R-CNN", (38.3, 59.5, 41.9, 22.1, 42.0, 48.5)),
-            ("libra_rcnn_R_50_FPN_1x_eapm_theta1.0", "Libra R-CNN, theta = 1.0", (38.5, 59.1, 41.8, 21.8, 42.1, 49.2)),
-            ("libra_rcnn_R_50_FPN_1x_eapm_theta1.5", "Libra R-CNN, theta = 1.5", (38.6, 59.2, 41.9, 22.4, 42.3, 49.1)),
-            ("libra_rcnn_R_50_FPN_1x_eapm_theta2.0", "Libra R-CNN, theta = 2.0", (38.6, 59.2, 42.1, 22.5, 42.0, 49.6)),
+            (
+                "libra_rcnn_R_50_FPN_1x_eapm_theta1.0",
+                "Libra R-CNN, theta = 1.0",
+                (38.5, 59.1, 41.8, 21.8, 42.1, 49.2),
+            ),
+            (
+                "libra_rcnn_R_50_FPN_1x_eapm_theta1.5",
+                "Libra R-CNN, theta = 1.5",
+                (38.6, 59.2, 41.9, 22.4, 42.3, 49.1),
+            ),
+            (
+                "libra_rcnn_R_50_FPN_1x_eapm_theta2.0",
+                "Libra R-CNN, theta = 2.0",
+                (38.6, 59.2, 42.1, 22.5, 42.0, 49.6),
+            ),
         ],
     )
 )
@@ -89,13 +133,21 @@ PAPER_ROWS.update(
         "Table 3",
         TEST_DEV,
         [
-            ("libra_retinanet_R_50_FPN_1x", "ResNet-50-FPN Libra RetinaNet", (37.8, 56.9, 40.5, 21.2, 40.9, 47.7)),
+            (
+                "libra_retinanet_R_50_FPN_1x",
+                "ResNet-50-FPN Libra RetinaNet",
+                (37.8, 56.9, 40.5, 21.2, 40.9, 47.7),
+            ),
             (
                 "libra_retinanet_R_50_FPN_1x_eapm_mu1.5_theta1.0",
                 "ResNet-50-FPN EAPM (ours)",
                 (38.5, 58.4, 41.1, 21.7, 41.4, 48.1),
             ),
-            ("libra_retinanet_R_101_FPN_1x", "ResNet-101-FPN Libra RetinaNet", (40.0, 59.7, 42.8, 22.8, 43.1, 50.7)),
+            (
+                "libra_retinanet_R_101_FPN_1x",
+                "ResNet-101-FPN Libra RetinaNet",
+                (40.0, 59.7, 42.8, 22.8, 43.1, 50.7),
+            ),
             (
                 "libra_retinanet_R_101_FPN_1x_eapm_mu1.5_theta1.0",
                 "ResNet-101-FPN EAPM (ours)",

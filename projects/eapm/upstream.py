@@ -7,6 +7,7 @@ test suite compares the recorded hashes with the installed detectron2
 (``changed_upstream()``), so a new detectron2 pin fails a test until someone has looked
 at what changed upstream and updated the adaptation and its hash.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,9 @@ def source_sha1(fn: Callable) -> str:
     return hashlib.sha1(textwrap.dedent(inspect.getsource(fn)).encode()).hexdigest()
 
 
-def adapted_from(upstream: Callable, upstream_file: str, sha1: str) -> Callable[[Callable], Callable]:
+def adapted_from(
+    upstream: Callable, upstream_file: str, sha1: str
+) -> Callable[[Callable], Callable]:
     """Decorator: records that the decorated method repeats ``upstream``'s body (from
     ``upstream_file`` of detectron2) as it was when its source hashed to ``sha1``."""
 

@@ -1,1 +1,6 @@
-from .register import EMBEDDED_NAMES, register_coco_json, register_embedded, register_from_config  # noqa: F401
+from .register import (  # noqa: F401
+    EMBEDDED_NAMES,
+    register_coco_json,
+    register_embedded,
+    register_from_config,
+)

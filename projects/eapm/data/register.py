@@ -3,12 +3,12 @@
 COCO 2017 (``coco_2017_train`` / ``coco_2017_val`` / ``coco_2017_test-dev``) comes
 from detectron2's builtin registration under ``$DETECTRON2_DATASETS/coco``.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import os
-from typing import Iterable, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -23,7 +23,9 @@ EMBEDDED_NAMES = tuple(f"eapm_shapes_{s.name}" for s in shapes.SPLITS)
 def _load_embedded(root: str, split: str):
     root = shapes.ensure_generated(root)
     return load_coco_json(
-        os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split), f"eapm_shapes_{split}"
+        os.path.join(root, "annotations", f"instances_{split}.json"),
+        os.path.join(root, split),
+        f"eapm_shapes_{split}",
     )
 
 
@@ -62,7 +64,9 @@ def _load_checked(name: str, json_file: str, image_root: str):
     try:
         dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
     except KeyError as e:  # detectron2: "Encountered category_id=7 but this id does not exist ..."
-        raise ValueError(_unknown_category_message(name, json_file) or f"Dataset '{name}' ({json_file}): {e}") from e
+        raise ValueError(
+            _unknown_category_message(name, json_file) or f"Dataset '{name}' ({json_file}): {e}"
+        ) from e
     validate_dataset_dicts(dicts, name, json_file)
     return dicts
 
@@ -76,8 +80,9 @@ def _unknown_category_message(name: str, json_file: str) -> str | None:
     for ann in coco.get("annotations", []):
         if ann.get("category_id") not in known:
             return (
-                f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of image {files.get(ann.get('image_id'))} "
-                f"has category_id {ann.get('category_id')}, which is not among the file's 'categories' (ids {sorted(known)})"
+                f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of image "
+                f"{files.get(ann.get('image_id'))} has category_id {ann.get('category_id')}, "
+                f"which is not among the file's 'categories' (ids {sorted(known)})"
             )
     return None
 
@@ -90,7 +95,9 @@ def register_coco_json(name: str, json_file: str, image_root: str) -> None:
         meta = MetadataCatalog.get(name)
         if meta.get("json_file", None) == json_file and meta.get("image_root", None) == image_root:
             return
-        raise ValueError(f"Dataset '{name}' is already registered with other files; choose another name")
+        raise ValueError(
+            f"Dataset '{name}' is already registered with other files; choose another name"
+        )
     try:
         with open(json_file) as f:
             cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
@@ -100,19 +107,17 @@ def register_coco_json(name: str, json_file: str, image_root: str) -> None:
         raise ValueError(f"Dataset '{name}' ({json_file}): the file has no 'categories'")
     DatasetCatalog.register(name, functools.partial(_load_checked, name, json_file, image_root))
     MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=[c["name"] for c in cats]
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        thing_classes=[c["name"] for c in cats],
     )
 
 
 def register_from_config(cfg) -> None:
     """Register the embedded dataset (at DATASETS.EMBEDDED_ROOT) and every
-    DATASETS.COCO_JSON entry."""
+    DATASETS.COCO_JSON entry (``[name, json_file, image_root]``, checked by
+    ``eapm.validate_config``)."""
     register_embedded(cfg.DATASETS.EMBEDDED_ROOT or None)
-    register_many(cfg.DATASETS.COCO_JSON)
-
-
-def register_many(entries: Iterable[Sequence[str]]) -> None:
-    for entry in entries:
-        if len(entry) != 3:
-            raise ValueError(f"A COCO-json dataset is [name, json_file, image_root], got {list(entry)!r}")
-        register_coco_json(*entry)
+    for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
+        register_coco_json(name, json_file, image_root)

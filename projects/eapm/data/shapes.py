@@ -14,6 +14,7 @@ It is designed to exercise what EAPM targets:
 Usage: ``python -m eapm.data.shapes --root DIR`` (also generated on first use by
 the dataset registration).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 CLASSES = ("bar", "ellipse", "triangle", "ring")
 # base colour (BGR) of each class; instances jitter around it
-_BASE_COLORS = np.array([[40, 200, 240], [230, 120, 40], [60, 210, 60], [200, 60, 200]], dtype=np.float32)
+_BASE_COLORS = np.array(
+    [[40, 200, 240], [230, 120, 40], [60, 210, 60], [200, 60, 200]], dtype=np.float32
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     for _ in range(int(rng.integers(0, 6))):
         col = tuple(float(v) for v in rng.uniform(0, 255, size=3))
         p1 = tuple(int(v) for v in rng.integers(0, size, size=2))
-        p2 = (int(np.clip(p1[0] + rng.integers(-20, 21), 0, size - 1)), int(np.clip(p1[1] + rng.integers(-20, 21), 0, size - 1)))
+        p2 = (
+            int(np.clip(p1[0] + rng.integers(-20, 21), 0, size - 1)),
+            int(np.clip(p1[1] + rng.integers(-20, 21), 0, size - 1)),
+        )
         overlay = img.copy()
         if rng.random() < 0.5:
             cv2.line(overlay, p1, p2, col, 1)
@@ -130,7 +136,15 @@ def _make_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[D
         opacity = float(rng.uniform(0.35, 0.55)) if hard else 1.0
         img = img * (1 - opacity) + layer * opacity
         bw, bh = box[2] - box[0], box[3] - box[1]
-        anns.append({"category_id": cls + 1, "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)], "area": float(bw * bh), "iscrowd": 0, "hard": int(hard)})
+        anns.append(
+            {
+                "category_id": cls + 1,
+                "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
+                "area": float(bw * bh),
+                "iscrowd": 0,
+                "hard": int(hard),
+            }
+        )
     img = np.clip(img + rng.normal(0, 4, size=img.shape), 0, 255).astype(np.uint8)
     return img, anns
 
@@ -151,7 +165,11 @@ def _generate_split(root: str, spec: SplitSpec, size: int) -> None:
             a.update(id=len(annotations) + 1, image_id=i + 1)
             annotations.append(a)
     coco = {
-        "info": {"description": f"eapm_shapes {spec.name} (generator v{GENERATOR_VERSION}, seed {spec.seed})"},
+        "info": {
+            "description": (
+                f"eapm_shapes {spec.name} (generator v{GENERATOR_VERSION}, seed {spec.seed})"
+            )
+        },
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
@@ -162,7 +180,9 @@ def _generate_split(root: str, spec: SplitSpec, size: int) -> None:
 
 
 def _stamp() -> str:
-    return json.dumps({"version": GENERATOR_VERSION, "size": IMAGE_SIZE, "splits": [s.__dict__ for s in SPLITS]})
+    return json.dumps(
+        {"version": GENERATOR_VERSION, "size": IMAGE_SIZE, "splits": [s.__dict__ for s in SPLITS]}
+    )
 
 
 def is_generated(root: str) -> bool:
@@ -199,13 +219,19 @@ def ensure_generated(root: str | None = None) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Generated eapm_shapes: %s", ", ".join(f"{s.name} {s.num_images} images" for s in SPLITS))
+    logger.info(
+        "Generated eapm_shapes: %s", ", ".join(f"{s.name} {s.num_images} images" for s in SPLITS)
+    )
     return root
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=None, help="output folder (default: %(default)s -> $EAPM_DATASETS/eapm_shapes)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="output folder (default: %(default)s -> $EAPM_DATASETS/eapm_shapes)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     print(ensure_generated(args.root))

@@ -1,5 +1,6 @@
 """Checks of loaded COCO-json dataset dicts that detectron2 would otherwise only
 trip over deep inside training (or silently train on)."""
+
 from __future__ import annotations
 
 import os
@@ -15,16 +16,22 @@ def validate_dataset_dicts(dicts: List[Dict], name: str, json_file: str) -> None
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"Dataset '{name}' ({json_file}): image file not found: {missing[0]}{more}")
+        raise FileNotFoundError(
+            f"Dataset '{name}' ({json_file}): image file not found: {missing[0]}{more}"
+        )
     for d in dicts:
         for ann in d.get("annotations", []):
             box = ann.get("bbox", None)
             if box is None or len(box) != 4:
-                raise ValueError(f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of {d['file_name']} has no 4-value bbox")
+                raise ValueError(
+                    f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of "
+                    f"{d['file_name']} has no 4-value bbox"
+                )
             x, y, w, h = (float(v) for v in box)
             if not all(map(_finite, (x, y, w, h))) or w < 0 or h < 0:
                 raise ValueError(
-                    f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of {d['file_name']} has an invalid "
+                    f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of "
+                    f"{d['file_name']} has an invalid "
                     f"box {list(box)} (XYWH with negative size or non-finite value)"
                 )
 

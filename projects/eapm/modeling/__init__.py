@@ -1,5 +1,6 @@
 """Detectron2 components of the EAPM project; importing registers them."""
-from .retinanet import EAPMRetinaNet  # noqa: F401
-from .fcos import EAPMFCOS, build_fcos_resnet_fpn_backbone  # noqa: F401
+
 from .bfp import BalancedFeaturePyramid  # noqa: F401
+from .fcos import EAPMFCOS, build_fcos_resnet_fpn_backbone  # noqa: F401
+from .retinanet import EAPMRetinaNet  # noqa: F401
 from .roi_heads import EAPMFastRCNNOutputLayers, LibraROIHeads  # noqa: F401

@@ -29,6 +29,7 @@ Both read ``MODEL.BFP.{ENABLED, REFINE_LEVEL, REFINE_TYPE}`` (through
 ``eapm.config.eapm_kwargs``); with ``ENABLED: False`` they return the plain FPN (an
 ablation switch). ``add_bfp(cfg, fpn)`` wraps any other FPN-like backbone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
+from detectron2.modeling.backbone.fpn import (
+    build_resnet_fpn_backbone,
+    build_retinanet_resnet_fpn_backbone,
+)
 from torch import nn
 
 from ..config import eapm_kwargs
@@ -187,7 +191,11 @@ class BalancedFeaturePyramid(Backbone):
         elif self.refine is not None:
             bsf = self.refine(bsf)
         scattered = [
-            F.interpolate(bsf, size=f.shape[-2:], mode="nearest") if i < r else F.adaptive_max_pool2d(bsf, f.shape[-2:])
+            (
+                F.interpolate(bsf, size=f.shape[-2:], mode="nearest")
+                if i < r
+                else F.adaptive_max_pool2d(bsf, f.shape[-2:])
+            )
             for i, f in enumerate(feats)
         ]
         return [f + s for f, s in zip(feats, scattered)]

@@ -5,6 +5,7 @@ base loss, computed by the function detectron2 uses (fvcore's focal loss) or by 
 plain balanced L1 kernel. Diagnostics never change which kernel computes a loss: the
 histograms are computed beside it, from the public attribute functions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,12 @@ from ..losses import (
     modulating_factor,
 )
 
-__all__ = ["check_loss_normalizer", "dense_loss_normalizer", "dense_focal_loss_sum", "box_reg_balanced_l1"]
+__all__ = [
+    "check_loss_normalizer",
+    "dense_loss_normalizer",
+    "dense_focal_loss_sum",
+    "box_reg_balanced_l1",
+]
 
 
 def check_loss_normalizer(mode: str) -> str:

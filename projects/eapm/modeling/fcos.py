@@ -12,6 +12,7 @@ normaliser as detectron2's ``FCOS.losses``.
 with P6 / P7 computed from P5 (detectron2's ``LastLevelP6P7`` on the FPN output, as in
 detectron2's FCOS LazyConfig), unlike RetinaNet's builder which takes them from C5.
 """
+
 from __future__ import annotations
 
 import torch
@@ -79,7 +80,9 @@ class EAPMFCOS(SupportsEAPMFocal, FCOS):
     ):
         super().__init__(**kwargs)
         if box_loss_type not in FCOS_BOX_LOSSES:
-            raise ValueError(f"box_loss_type must be one of {FCOS_BOX_LOSSES}, got {box_loss_type!r}")
+            raise ValueError(
+                f"box_loss_type must be one of {FCOS_BOX_LOSSES}, got {box_loss_type!r}"
+            )
         self.eapm_cls_mu = check_eapm_param(eapm_cls_mu, "eapm_cls_mu")
         self.box_loss_type = box_loss_type
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
@@ -117,7 +120,11 @@ class EAPMFCOS(SupportsEAPMFocal, FCOS):
             **kwargs,
         }
 
-    @adapted_from(FCOS.losses, "detectron2/modeling/meta_arch/fcos.py", "228fadb76de9d94c76c49fb2151264ceaefd34a4")
+    @adapted_from(
+        FCOS.losses,
+        "detectron2/modeling/meta_arch/fcos.py",
+        "228fadb76de9d94c76c49fb2151264ceaefd34a4",
+    )
     def losses(
         self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
     ):

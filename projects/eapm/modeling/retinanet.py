@@ -4,6 +4,7 @@ Only the loss computation of detectron2's RetinaNet is overridden. With EAPM off
 one of detectron2's regression losses, the losses are computed by the very same
 functions detectron2 uses (fvcore's focal loss, ``_dense_box_regression_loss``).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -21,7 +22,12 @@ from ..capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal
 from ..config import eapm_kwargs
 from ..losses import check_balanced_l1_params, check_eapm_param
 from ..upstream import adapted_from
-from .common import box_reg_balanced_l1, check_loss_normalizer, dense_focal_loss_sum, dense_loss_normalizer
+from .common import (
+    box_reg_balanced_l1,
+    check_loss_normalizer,
+    dense_focal_loss_sum,
+    dense_loss_normalizer,
+)
 
 __all__ = ["EAPMRetinaNet"]
 
@@ -104,7 +110,9 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
         )
 
         if self.box_reg_loss_type == "balanced_l1":
-            loss_box_reg = self._balanced_l1_box_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
+            loss_box_reg = self._balanced_l1_box_loss(
+                anchors, pred_anchor_deltas, gt_boxes, pos_mask
+            )
         else:
             loss_box_reg = _dense_box_regression_loss(
                 anchors,

@@ -19,6 +19,7 @@ that keeps the per-proposal maximum of the IoU matrix of its last call, which
 ``label_and_sample_proposals`` makes right before ``_sample_proposals`` for the same
 image.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -205,7 +206,9 @@ class LibraROIHeads(SupportsEAPMBalancedL1, StandardROIHeads):
         if self.iou_balanced_num_bins > 0:
             max_iou = self.proposal_matcher.last_max_iou
             if max_iou is None or max_iou.numel() != matched_idxs.numel():
-                raise RuntimeError("LibraROIHeads: the matcher's IoUs do not belong to these proposals")
+                raise RuntimeError(
+                    "LibraROIHeads: the matcher's IoUs do not belong to these proposals"
+                )
             neg = iou_balanced_negatives(
                 neg,
                 max_iou,

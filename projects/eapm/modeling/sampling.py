@@ -15,6 +15,7 @@ tensor op on the proposals' device. The only Python loop runs over the few bins.
 Randomness comes from ``torch.randperm`` (the global generator, like detectron2's
 ``subsample_labels``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,7 +51,12 @@ def quota_sample(groups: Tensor, quota: Tensor, num: int) -> Tensor:
     counts = torch.bincount(key, minlength=g_count + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n, device=device) - starts[key]  # rank inside the group
-    limit = torch.cat([quota.to(device=device, dtype=torch.long), quota.new_zeros(1, dtype=torch.long, device=device)])
+    limit = torch.cat(
+        [
+            quota.to(device=device, dtype=torch.long),
+            quota.new_zeros(1, dtype=torch.long, device=device),
+        ]
+    )
     take = rank < limit[key]
     drawn = perm[order[take]]
     if drawn.numel() >= num:
@@ -102,7 +108,9 @@ def iou_balanced_negatives(
         for i in range(num_bins):  # [start, end); the max IoU itself is in no bin (as mmdetection)
             start, end = floor + i * width, floor + (i + 1) * width
             bins[(cand_iou >= start) & (cand_iou < end)] = i
-        quota = torch.full((num_bins,), num_iou // num_bins, dtype=torch.long, device=neg_idx.device)
+        quota = torch.full(
+            (num_bins,), num_iou // num_bins, dtype=torch.long, device=neg_idx.device
+        )
         picked = iou_cand[quota_sample(bins, quota, num_iou)]
     else:
         picked = random_subset(iou_cand, num_iou)

@@ -1,0 +1,165 @@
+"""Tiny configs and synthetic batches for tests, smoke tests and benchmarks (CPU, seconds).
+
+Modelled on ``detectron2.utils.testing``: nothing here needs a dataset, pretrained weights
+or a GPU. The tests (``tests/conftest.py``) and the tools (``tools/benchmark.py``) import
+these helpers from here; the tools never import the tests.
+
+Config files are looked up in the repository's ``configs/`` folder, found relative to this
+file (``projects/eapm/utils/testing.py``: the repository root is three folders up), so an
+editable install (``pip install -e .``) sees them; a wheel install has no ``configs/``, and
+a relative config path then raises ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "REPO_ROOT",
+    "CONFIGS_DIR",
+    "get_config_file",
+    "repo_cfg",
+    "tiny_cfg",
+    "make_batch",
+    "synthetic_batch",
+    "grad_norms",
+]
+
+REPO_ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
+CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+def get_config_file(config_file: str) -> str:
+    """The absolute path of a config file: ``config_file`` itself if absolute, else
+    relative to the repository's ``configs/`` folder (e.g. ``"quickstart/retinanet.yaml"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names the path tried).
+    """
+    path = config_file if os.path.isabs(config_file) else os.path.join(CONFIGS_DIR, config_file)
+    if not os.path.isfile(path):
+        where = (
+            "" if os.path.isabs(config_file) else f" (relative paths are read from {CONFIGS_DIR})"
+        )
+        raise FileNotFoundError(f"config file {config_file!r} not found: {path}{where}")
+    return path
+
+
+def repo_cfg(config_file: Optional[str] = None, *opts):
+    """detectron2's defaults plus the project's keys (``eapm.add_eapm_config``), merged
+    from ``config_file`` (see ``get_config_file``) when given, then from ``opts``
+    (``KEY, VALUE, ...`` as on the command line). Nothing else is changed: the model is
+    full size and ``MODEL.WEIGHTS`` / ``MODEL.DEVICE`` are the config's (pass
+    ``"MODEL.WEIGHTS", ""`` to build without a checkpoint). Returns a detectron2 CfgNode."""
+    from detectron2.config import get_cfg
+
+    import eapm
+
+    cfg = get_cfg()
+    eapm.add_eapm_config(cfg)
+    if config_file:
+        cfg.merge_from_file(get_config_file(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def tiny_cfg(config_file: Optional[str] = None, *opts):
+    """The project's config (optionally merged from a repo config file, see
+    ``get_config_file``), shrunk to a tiny CPU model: R-18, 64-channel res2, 32-channel
+    FPN, 1 head conv, 64 px test inputs, no pretrained weights; ``opts`` (``KEY, VALUE,
+    ...``) are merged last, over the shrinking. Returns a detectron2 CfgNode."""
+    cfg = repo_cfg(config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RETINANET.NUM_CONVS = 1
+    cfg.MODEL.FCOS.NUM_CONVS = 1
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 200
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 64
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def make_batch(
+    num_images: int = 2,
+    size: int = 64,
+    num_boxes: Sequence[int] = (3, 0),
+    num_classes: int = 4,
+    seed: int = 0,
+) -> List[dict]:
+    """A list of ``num_images`` detectron2 training input dicts, deterministic in ``seed``:
+    ``"image"`` a (3, size, size) uint8 tensor, ``"instances"`` an ``Instances`` with
+    ``gt_boxes`` (XYXY, inside the image) and ``gt_classes`` (in [0, num_classes)),
+    ``"height"`` and ``"width"`` = size. Image i has ``num_boxes[i % len(num_boxes)]``
+    boxes (0 makes an image without objects)."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(num_images):
+        n = num_boxes[i % len(num_boxes)]
+        img = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        xy = torch.rand(n, 2, generator=g) * size * 0.6
+        wh = 4 + torch.rand(n, 2, generator=g) * size * 0.4
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+        batch.append({"image": img, "instances": inst, "height": size, "width": size})
+    return batch
+
+
+def synthetic_batch(
+    num_images: int,
+    height: int = 800,
+    width: int = 1333,
+    num_boxes: int = 8,
+    num_classes: int = 80,
+    seed: int = 0,
+) -> List[dict]:
+    """A COCO-like training batch at full resolution: ``num_images`` dicts, each with
+    ``"image"`` a (3, height, width) uint8 tensor of noise and ``"instances"`` an
+    ``Instances`` of ``num_boxes`` random XYXY boxes (at least 16 px a side, up to 30%
+    of the image; a box may reach up to 16 px past the right / bottom border) with
+    ``gt_classes`` in [0, num_classes). Deterministic in ``seed``."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_images):
+        xy = torch.rand(num_boxes, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+        wh = 16 + torch.rand(num_boxes, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3])
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
+        img = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+        out.append({"image": img, "instances": inst})
+    return out
+
+
+def grad_norms(model: torch.nn.Module, prefixes: Sequence[str]) -> Dict[str, float]:
+    """{prefix: L2 norm of the gradients of the parameters whose name starts with prefix}
+    (0.0 where none of them has a gradient)."""
+    out = {}
+    for p in prefixes:
+        norms = [
+            q.grad.norm()
+            for n, q in model.named_parameters()
+            if n.startswith(p) and q.grad is not None
+        ]
+        out[p] = float(torch.stack(norms).norm()) if norms else 0.0
+    return out

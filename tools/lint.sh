@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Formatting and lint check (as detectron2: black + isort at 100 columns, flake8), with the
+# versions pinned in requirements-lint.txt, inside the project's environment (tools/env.sh).
+#   bash tools/lint.sh         check only (CI)
+#   bash tools/lint.sh --fix   rewrite the files with black and isort, then run flake8
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+targets=(projects tests tools train_net.py)
+exec bash tools/env.sh bash -c '
+  set -euo pipefail
+  if ! python -m pip freeze 2>/dev/null | grep -qix "$(grep -m1 "^black==" requirements-lint.txt)"; then
+    echo "[lint] installing requirements-lint.txt" >&2
+    python -m pip install --quiet -r requirements-lint.txt 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+  fi
+  if [ "${1:-}" = "--fix" ]; then
+    shift
+    isort --quiet "$@"
+    black --quiet "$@"
+  else
+    isort --check-only --diff --quiet "$@"
+    black --check --quiet "$@"
+  fi
+  flake8 "$@"
+  echo "[lint] black, isort, flake8: clean"
+' lint "$@" "${targets[@]}"
