@@ -7,6 +7,9 @@
     python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
 
 Multi-node: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
+Preemption: on SIGTERM / SIGUSR1 (SOLVER.PREEMPTION.SIGNALS) training checkpoints after the
+current iteration and exits with status 75 (SOLVER.PREEMPTION.EXIT_CODE); rerun the same
+command with --resume to continue exactly where it stopped.
 Without GPUs the model runs on the CPU (MODEL.DEVICE is set to "cpu") and several
 processes use GLOO.
 """
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import eapm
+from eapm.checkpoint import EAPMCheckpointer
 from eapm.data import register_from_config
-from eapm.engine import EAPMTrainer
+from eapm.engine import EAPMTrainer, preemption_exit
 
 logger = logging.getLogger("eapm")
 
@@ -42,6 +47,8 @@ def setup(args):
     cfg = load_config(args)  # fail in seconds, before any data or model work
     cfg.freeze()
     default_setup(cfg, args)
+    # the project's messages (preemption, damaged checkpoints, ...) in log.txt too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="eapm")
     register_from_config(cfg)
     return cfg
 
@@ -50,7 +57,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = EAPMTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        EAPMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return EAPMTrainer.test(cfg, model)
@@ -77,12 +84,15 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    load_config(args)  # validate here too: a bad config fails before any process is spawned
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    # validate here too: a bad config fails before any process is spawned
+    cfg = load_config(args)
+    preemption = cfg.SOLVER.PREEMPTION
+    with preemption_exit(preemption.SIGNALS, preemption.EXIT_CODE):
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )

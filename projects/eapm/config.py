@@ -155,6 +155,20 @@ def add_eapm_config(cfg: CN) -> CN:
     # from-scratch training on a CPU converges in far fewer iterations with AdamW)
     _C.SOLVER.OPTIMIZER = "SGD"
 
+    # ------------------------------------------------- preemption and resume
+    _C.SOLVER.PREEMPTION = CN()
+    # signals on which training checkpoints after the current iteration (all processes
+    # agree on it) and exits with EXIT_CODE: SLURM sends SIGTERM at preemption and, with
+    # --signal=USR1@<seconds>, SIGUSR1 before the time limit. [] = the default handlers
+    _C.SOLVER.PREEMPTION.SIGNALS = ["SIGTERM", "SIGUSR1"]
+    # exit status of a preempted job (1-255; 75 = EX_TEMPFAIL, "try again"): a cluster
+    # script requeues on it and reruns the command with --resume
+    _C.SOLVER.PREEMPTION.EXIT_CODE = 75
+    # True: the training loader's position (sample order, aspect-ratio buckets, the seeds of
+    # the augmentations) is in every checkpoint and --resume continues at the exact sample
+    # (eapm.data.resumable). False: detectron2's loader, which restarts its order on resume
+    _C.DATALOADER.EXACT_RESUME = True
+
     # --------------------------------------------------------------- data
     # COCO-json datasets to register, each [name, json_file, image_root]; they can then
     # be used in DATASETS.TRAIN / DATASETS.TEST. Also from the command line:
@@ -247,6 +261,15 @@ def _int_at_least(cfg: CN, key: str, lo: int) -> None:
     _require(_is_int(v) and v >= lo, key, f"must be an integer >= {lo}", v)
 
 
+def _int_in(cfg: CN, key: str, lo: int, hi: int) -> None:
+    v = _get(cfg, key)
+    _require(_is_int(v) and lo <= v <= hi, key, f"must be an integer in [{lo}, {hi}]", v)
+
+
+# the signals a preemption handler can catch (not SIGKILL / SIGSTOP)
+_CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
+
+
 def _one_of(cfg: CN, key: str, choices: Sequence) -> None:
     v = _get(cfg, key)
     _require(v in choices, key, f"must be one of {tuple(choices)}", v)
@@ -274,6 +297,21 @@ def _validate_values(cfg: CN) -> None:
             cfg, f"MODEL.BALANCED_L1.{k}", lambda v: check_balanced_l1_params(**{k.lower(): v})
         )
     _one_of(cfg, "SOLVER.OPTIMIZER", ("SGD", "ADAMW"))
+    sigs = cfg.SOLVER.PREEMPTION.SIGNALS
+    _require(
+        isinstance(sigs, (list, tuple)) and all(s in _CATCHABLE_SIGNALS for s in sigs),
+        "SOLVER.PREEMPTION.SIGNALS",
+        f"must be a list of signal names among {_CATCHABLE_SIGNALS}",
+        sigs,
+    )
+    _int_in(cfg, "SOLVER.PREEMPTION.EXIT_CODE", 1, 255)
+    _require(
+        not cfg.DATALOADER.EXACT_RESUME or cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler",
+        "DATALOADER.SAMPLER_TRAIN",
+        "DATALOADER.EXACT_RESUME True implements 'TrainingSampler' only (set EXACT_RESUME False "
+        "for detectron2's other samplers)",
+        cfg.DATALOADER.SAMPLER_TRAIN,
+    )
     _one_of(cfg, "MODEL.LOSS_NORMALIZER.TYPE", LOSS_NORMALIZERS)
     _one_of(cfg, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
     _one_of(cfg, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
