@@ -299,7 +299,13 @@ def test_paper_results_cover_the_coco_configs():
     for name in paper_configs():
         assert os.path.isfile(os.path.join(REPO, "configs", "COCO-Detection", name + ".yaml")), name
     assert len([k for k in PAPER_ROWS if k[1] == VAL]) == 12 + 7
-    assert len([k for k in PAPER_ROWS if k[1] == TEST_DEV]) == 4
+    assert len([k for k in PAPER_ROWS if k[1] == TEST_DEV]) == 12  # Table 3: 6 rows x 2
+    assert paper_result("retinanet_R_101_FPN_1x_ghm", "coco_2017_test-dev").values == (
+        39.5, 58.6, 42.0, 22.2, 42.4, 50.1,
+    )  # fmt: skip
+    assert paper_result("mask_rcnn_R_50_FPN_1x").as_dict()["APl"] == 47.5  # test-dev only
+    assert paper_result("retinanet_R_50_FPN_1x", "coco_2017_test-dev").values[0] == 36.9
+    assert paper_result("retinanet_R_50_FPN_1x", "coco_2017_val").values[0] == 35.6
     assert paper_result("libra_retinanet_R_50_FPN_1x", "coco_2017_test-dev").values[0] == 37.8
     assert paper_result("libra_retinanet_R_50_FPN_1x", "coco_2017_val").values[0] == 37.6
     assert paper_result("libra_retinanet_R_50_FPN_1x", "eapm_shapes_val") is None
@@ -558,3 +564,25 @@ def test_benchmark_smoke_loss_and_sampler_sections_on_cpu(tmp_path):
     assert labels.count("eapm focal (compiled) / d2 fvcore sigmoid_focal_loss_jit") == 2
     assert "eapm balanced L1 (eager) / d2 smooth_l1_loss" in labels
     assert "sampled negatives per IoU bin" in stdout
+
+
+def test_benchmark_smoke_ghm_section_on_cpu(tmp_path):
+    """Section ghm runs on tiny logits: finite ratios of GHM-C and the per-bin loop to
+    fvcore's focal loss, and the host synchronisations per call: none for GHMC / GHMR,
+    one per bin and more for mmdetection's loop (the counter counts)."""
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "ghm", "--ghm-anchors", "400", "--repeats", "2", "--warmup", "1"
+    )
+    assert list(reports) == [
+        "[ghm] GHM-C fwd+bwd, 400 x 80, cpu",
+        "[ghm] host synchronisations per call",
+    ]
+    assert sorted(label for label, _ in ratios) == [
+        "GHM-C per-bin loop / d2 fvcore sigmoid_focal_loss_jit",
+        "eapm GHMC / d2 fvcore sigmoid_focal_loss_jit",
+    ]
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    syncs = reports["[ghm] host synchronisations per call"]["syncs"]
+    assert syncs["eapm GHMC"] == 0 and syncs["eapm GHMR"] == 0
+    assert syncs["GHM-C per-bin loop"] > 30
+    assert "  syncs eapm GHMC: 0" in stdout

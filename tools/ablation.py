@@ -19,6 +19,10 @@ Variants (configs/quickstart/):
     eapm_mu1.5_balanced_l1  eapm_retinanet.yaml without EAPM regression: EAPM focal (mu 1.5) +
                             balanced L1 (the paper's Table 2 baseline, "Libra RetinaNet mu = 1.5")
     eapm_mu1.5_theta1.0     eapm_retinanet.yaml: EAPM focal (mu 1.5) + EAPM balanced L1 (theta 1.0)
+    ghm_c                   retinanet.yaml + GHM-C (bins 30, momentum 0.75) instead of the focal
+                            loss: the classification change only (GHM RetinaNet's classifier)
+    ghm_c_ghm_r             retinanet.yaml + GHM-C + GHM-R (mu 0.02, bins 10, momentum 0.7, loss
+                            weight 10) instead of smooth L1: GHM RetinaNet (paper Table 3's "GHM")
 
 EAPM regression modulates the balanced L1 loss, so it needs
 MODEL.RETINANET.BBOX_REG_LOSS_TYPE balanced_l1; comparing eapm_mu1.5_theta1.0 with
@@ -70,6 +74,10 @@ def _mu(mu: str) -> Tuple[str, ...]:
     return ("MODEL.EAPM.CLS.ENABLED", "True", "MODEL.EAPM.CLS.MU", mu)
 
 
+_GHM_C = ("MODEL.GHM.CLS.ENABLED", "True")
+_GHM_R = ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r")
+
+
 VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
     [
         ("retinanet", Variant(_RN, (), "focal + smooth L1 (baseline)", None)),
@@ -103,6 +111,8 @@ VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
                 "eapm_mu1.5_balanced_l1",
             ),
         ),
+        ("ghm_c", Variant(_RN, _GHM_C, "GHM-C + smooth L1", "retinanet")),
+        ("ghm_c_ghm_r", Variant(_RN, _GHM_C + _GHM_R, "GHM-C + GHM-R (GHM RetinaNet)", "ghm_c")),
     ]
 )
 SUMMARY_METRICS = ("AP", "AP50", "AP75")

@@ -29,6 +29,15 @@ Sections (--only; default: all but train on cpu, all on cuda):
            fused scaled_dot_product_attention vs the materialised HW x HW attention, inference
            and training step. Peak memory in fresh subprocesses (cpu: peak RSS rise with a fixed
            mmap threshold; cuda: the allocator's peak), time in interleaved rounds here.
+  ghm      GHM-C fwd+bwd (eapm.losses.GHMC, bins 30, momentum 0.75) vs fvcore's
+           sigmoid_focal_loss_jit on --ghm-anchors x 80 logits (default 50000), and a per-bin
+           loop of mmdetection's algorithm; host synchronisations per call of GHMC, GHMR and
+           the loop, counted with eapm.utils.testing.HostSyncCounter.
+  resume   wall time of train_net.py from its start to the end of its first new iteration:
+           --resume from a checkpoint at iteration 20 vs a fresh start, the quickstart EAPM
+           RetinaNet on the embedded dataset (DATALOADER.EXACT_RESUME: the loader's
+           position is restored by index arithmetic, no image already used is loaded);
+           each run is a fresh process, interleaved with the other. Not in the default set.
   train    the GPU check: seconds per iteration and peak memory of a training step (AMP:
            float16 on cuda, bfloat16 on cpu, autocast + GradScaler) of RetinaNet R-50-FPN with
            detectron2's losses and with EAPM mu 1.5 (compiled and eager), --batch images of
@@ -50,8 +59,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-SECTIONS = ("focal", "box", "step", "sampler", "bfp", "train")
-CPU_DEFAULT = ("focal", "box", "step", "sampler", "bfp")
+SECTIONS = ("focal", "box", "step", "sampler", "bfp", "ghm", "resume", "train")
+CPU_DEFAULT = ("focal", "box", "step", "sampler", "bfp", "ghm")
 RESULTS: Dict[str, dict] = {}  # every report, by title (--json)
 
 
@@ -691,12 +700,142 @@ def bench_train(args) -> None:
 
 
 # ----------------------------------------------------------------------------
+# ghm: GHM-C vs detectron2's focal loss; host synchronisations per call
+# ----------------------------------------------------------------------------
+def _ghmc_per_bin_loop(pred, target, valid, edges, acc, momentum):
+    """GHM-C computed the way mmdetection's ``GHMC.forward`` does it (written from the
+    formulation, for comparison): one mask, one ``.item()`` and one masked write per bin."""
+    g = (pred.detach().sigmoid() - target).abs()
+    tot = max(valid.float().sum().item(), 1.0)
+    weights = torch.zeros_like(pred)
+    n = 0
+    for i in range(len(edges) - 1):
+        inds = (g >= edges[i]) & (g < edges[i + 1]) & valid
+        count = inds.sum().item()
+        if count > 0:
+            acc[i] = momentum * acc[i] + (1 - momentum) * count
+            weights[inds] = tot / acc[i]
+            n += 1
+    if n > 0:
+        weights = weights / n
+    return (
+        torch.nn.functional.binary_cross_entropy_with_logits(pred, target, weights, reduction="sum")
+        / tot
+    )
+
+
+def bench_ghm(args) -> None:
+    from fvcore.nn import sigmoid_focal_loss_jit
+
+    from eapm.losses import GHMC, GHMR
+    from eapm.utils.testing import HostSyncCounter
+
+    sync = make_sync(args.device)
+    n = args.ghm_anchors
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, 80, generator=g) * 3).to(args.device).requires_grad_()
+    t = (torch.rand(n, 80, generator=g) < 0.01).float().to(args.device)
+    valid = (torch.rand(n, 1, generator=g) > 0.05).expand(n, 80).to(args.device)
+    ghmc = GHMC(bins=30, momentum=0.75).to(args.device)
+    loop_edges = ghmc.edges.clone()
+    loop_acc = torch.zeros(30, device=args.device)
+
+    def d2():
+        sigmoid_focal_loss_jit(x, t, alpha=0.25, gamma=2.0, reduction="sum").backward()
+        x.grad = None
+
+    def ghm():
+        ghmc(x, t, valid).backward()
+        x.grad = None
+
+    def loop():
+        _ghmc_per_bin_loop(x, t, valid, loop_edges, loop_acc, 0.75).backward()
+        x.grad = None
+
+    fns = {"d2 fvcore sigmoid_focal_loss_jit": d2, "eapm GHMC": ghm, "GHM-C per-bin loop": loop}
+    times = interleaved(fns, args.repeats, args.warmup, sync)
+    report(
+        f"[ghm] GHM-C fwd+bwd, {n} x 80, {args.device}", times, "d2 fvcore sigmoid_focal_loss_jit"
+    )
+    # host synchronisations per call (forward + backward)
+    ghmr = GHMR().to(args.device)
+    p = (torch.randn(n // 20, 4, generator=g) * 0.1).to(args.device).requires_grad_()
+    q = torch.zeros_like(p)
+    counts = {}
+    for name, fn in (
+        ("eapm GHMC", lambda: ghmc(x, t, valid).backward()),
+        ("eapm GHMR", lambda: ghmr(p, q).backward()),
+        (
+            "GHM-C per-bin loop",
+            lambda: _ghmc_per_bin_loop(x, t, valid, loop_edges, loop_acc, 0.75).backward(),
+        ),
+    ):
+        with HostSyncCounter() as c:
+            fn()
+        counts[name] = c.count
+        x.grad = p.grad = None
+    print("\n## [ghm] host synchronisations per call (forward + backward)")
+    for name, c in counts.items():
+        print(f"  syncs {name}: {c}")
+    RESULTS["[ghm] host synchronisations per call"] = {"syncs": counts}
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+# resume: time to the first new iteration, --resume vs a fresh start
+# ----------------------------------------------------------------------------
+def bench_resume(args) -> None:
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp(prefix="eapm_bench_resume_")
+    base = [
+        sys.executable,
+        os.path.join(repo, "train_net.py"),
+        "--config-file",
+        os.path.join(repo, "configs", "quickstart", "eapm_retinanet.yaml"),
+    ]
+    common = ["DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "100000", "MODEL.DEVICE", "cpu"]
+
+    def run(out: str, max_iter: int, resume: bool) -> None:
+        cmd = base + (["--resume"] if resume else []) + common
+        cmd += ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", str(max_iter)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    source = os.path.join(tmp, "source")
+    run(source, 20, False)  # model_final.pth at iteration 19: the checkpoint to resume from
+    rounds = {"n": 0}
+
+    def fresh():
+        run(os.path.join(tmp, f"fresh{rounds['n']}"), 1, False)  # iteration 0 only
+
+    def resumed():
+        rounds["n"] += 1
+        out = os.path.join(tmp, f"resumed{rounds['n']}")
+        os.makedirs(out)
+        for name in ("model_final.pth", "last_checkpoint"):
+            with open(os.path.join(source, name), "rb") as f, open(os.path.join(out, name), "wb") as g:
+                g.write(f.read())
+        run(out, 21, True)  # iteration 20 only
+
+    times = interleaved({"fresh start": fresh, "--resume": resumed}, args.repeats, 0)
+    report(
+        "[resume] train_net.py start to the end of the first new iteration (quickstart EAPM "
+        "RetinaNet, one process)",
+        times,
+        "fresh start",
+    )
+
+
 BENCHES = {
     "focal": bench_focal,
     "box": bench_box,
     "step": bench_step,
     "sampler": bench_sampler,
     "bfp": bench_bfp,
+    "ghm": bench_ghm,
+    "resume": bench_resume,
     "train": bench_train,
 }
 
@@ -715,6 +854,8 @@ def main(argv=None) -> Dict[str, dict]:
     p.add_argument("--batch", type=int, default=16, help="train: images per step (default 16)")
     p.add_argument("--height", type=int, default=800, help="train: image height (default 800)")
     p.add_argument("--width", type=int, default=1333, help="train: image width (default 1333)")
+    p.add_argument("--ghm-anchors", type=int, default=50000,
+                   help="ghm: anchors of the N x 80 logits (default 50000)")  # fmt: skip
     p.add_argument("--bfp-batch", type=int, default=1, help="bfp: maps per step (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write every report (ratios, medians) here")
     p.add_argument("--bfp-child", nargs=3, help=argparse.SUPPRESS)

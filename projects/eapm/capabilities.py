@@ -8,7 +8,7 @@ switched-on key is rejected with a ``ValueError`` naming the key.
 
 from __future__ import annotations
 
-__all__ = ["SupportsEAPMFocal", "SupportsEAPMBalancedL1"]
+__all__ = ["SupportsEAPMFocal", "SupportsEAPMBalancedL1", "SupportsGHM"]
 
 
 class SupportsEAPMFocal:
@@ -35,3 +35,9 @@ class SupportsEAPMBalancedL1:
                 f"EAPM regression (MODEL.EAPM.REG.ENABLED, theta {eapm_reg_theta}) needs the "
                 f"'balanced_l1' box loss ({cls.box_loss_key}), got {box_loss_type!r}"
             )
+
+
+class SupportsGHM:
+    """Mixin of the dense meta-architectures whose losses can be GHM-C (classification,
+    ``MODEL.GHM.CLS.*``) and GHM-R (the box loss type ``"ghm_r"``, ``MODEL.GHM.REG.*``),
+    with ``MODEL.GHM.ALL_REDUCE`` and ``MODEL.GHM.PER_LEVEL``."""

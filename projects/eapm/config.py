@@ -19,8 +19,8 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal
-from .losses import check_balanced_l1_params, check_eapm_param
+from .capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal, SupportsGHM
+from .losses import check_balanced_l1_params, check_eapm_param, check_ghm_params
 
 __all__ = [
     "add_eapm_config",
@@ -28,12 +28,15 @@ __all__ = [
     "validate_config",
     "eapm_kwargs",
     "BOX_REG_LOSSES",
+    "RETINANET_BOX_REG_LOSSES",
     "FCOS_BOX_LOSSES",
     "LOSS_NORMALIZERS",
 ]
 
 # box regression losses of RetinaNet and the ROI box head: detectron2's four and ours
 BOX_REG_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
+# RetinaNet's box losses: the above and GHM-R (MODEL.GHM.REG; classes with SupportsGHM)
+RETINANET_BOX_REG_LOSSES = BOX_REG_LOSSES + ("ghm_r",)
 # regression losses FCOS accepts (on decoded boxes; detectron2's FCOS uses giou)
 FCOS_BOX_LOSSES = ("giou", "diou", "ciou")
 # how the dense heads normalise their losses (see MODEL.LOSS_NORMALIZER.TYPE)
@@ -80,6 +83,44 @@ def add_eapm_config(cfg: CN) -> CN:
     _C.MODEL.BALANCED_L1.GAMMA = 1.5
     # beta > 0 is the inlier/outlier threshold. 1.0 for Libra R-CNN, 0.11 for Libra RetinaNet.
     _C.MODEL.BALANCED_L1.BETA = 1.0
+
+    # ------------------------------------------------ GHM (GHM RetinaNet, Table 3)
+    # Gradient harmonizing losses (Li, Liu, Wang, AAAI 2019), mmdetection's formulation and
+    # its RetinaNet settings; models with eapm.capabilities.SupportsGHM (EAPMRetinaNet).
+    # Neither GHM loss is divided by the dense-head normaliser (MODEL.LOSS_NORMALIZER):
+    # each is normalised by its own number of valid elements, as in mmdetection.
+    _C.MODEL.GHM = CN()
+    _C.MODEL.GHM.CLS = CN()
+    # GHM-C instead of the focal loss on the classification branch (sigmoid BCE weighted by
+    # the inverse gradient density over anchors x classes; ignored anchors excluded).
+    # Cannot be combined with MODEL.EAPM.CLS.ENABLED.
+    _C.MODEL.GHM.CLS.ENABLED = False
+    # number of gradient-norm bins on [0, 1] (integer >= 1; mmdetection 30)
+    _C.MODEL.GHM.CLS.BINS = 30
+    # momentum in [0, 1) of the moving average of the bin counts (0 = this call's counts)
+    _C.MODEL.GHM.CLS.MOMENTUM = 0.75
+    # weight (>= 0) of loss_cls (mmdetection 1.0)
+    _C.MODEL.GHM.CLS.LOSS_WEIGHT = 1.0
+    # GHM-R is chosen as the box loss: MODEL.RETINANET.BBOX_REG_LOSS_TYPE "ghm_r"; on the
+    # positive anchors' deltas (as the box transform gives them, MODEL.RETINANET.
+    # BBOX_REG_WEIGHTS; mmdetection's GHM RetinaNet uses unit target stds = weights 1.0).
+    _C.MODEL.GHM.REG = CN()
+    # mu > 0 of the authentic smooth L1 sqrt(d^2 + mu^2) - mu (mmdetection 0.02)
+    _C.MODEL.GHM.REG.MU = 0.02
+    # number of gradient-norm bins (integer >= 1; mmdetection 10)
+    _C.MODEL.GHM.REG.BINS = 10
+    # momentum in [0, 1) of the moving average of the bin counts (mmdetection 0.7)
+    _C.MODEL.GHM.REG.MOMENTUM = 0.7
+    # weight (>= 0) of loss_box_reg (mmdetection 10.0)
+    _C.MODEL.GHM.REG.LOSS_WEIGHT = 10.0
+    # Under DDP: False = each process bins and averages its own elements (mmdetection);
+    # True = the bin counts are summed over all processes (one all-reduce per loss call),
+    # so the weights do not depend on the number of processes.
+    _C.MODEL.GHM.ALL_REDUCE = False
+    # True = one GHM call per FPN level, in order P3..P7, each normalised by its own count
+    # and all updating the same moving average (mmdetection's AnchorHead calls its loss per
+    # level); False = one call over all levels (the GHM paper's density over all anchors).
+    _C.MODEL.GHM.PER_LEVEL = True
 
     # ------------------------------------------- dense-head loss normaliser
     _C.MODEL.LOSS_NORMALIZER = CN()
@@ -313,7 +354,28 @@ def _validate_values(cfg: CN) -> None:
         cfg.DATALOADER.SAMPLER_TRAIN,
     )
     _one_of(cfg, "MODEL.LOSS_NORMALIZER.TYPE", LOSS_NORMALIZERS)
-    _one_of(cfg, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
+    _one_of(cfg, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", RETINANET_BOX_REG_LOSSES)
+    for part, extra in (("CLS", {}), ("REG", {"mu": "MU"})):
+        for arg, key in (
+            ("bins", "BINS"),
+            ("momentum", "MOMENTUM"),
+            ("loss_weight", "LOSS_WEIGHT"),
+            *extra.items(),
+        ):
+            _checked(
+                cfg,
+                f"MODEL.GHM.{part}.{key}",
+                lambda v, arg=arg: check_ghm_params(**{arg: v}),
+            )
+    for key in ("MODEL.GHM.CLS.ENABLED", "MODEL.GHM.ALL_REDUCE", "MODEL.GHM.PER_LEVEL"):
+        _require(isinstance(_get(cfg, key), bool), key, "must be True or False", _get(cfg, key))
+    _require(
+        not (cfg.MODEL.GHM.CLS.ENABLED and cfg.MODEL.EAPM.CLS.ENABLED),
+        "MODEL.GHM.CLS.ENABLED",
+        "GHM-C replaces the focal loss that EAPM modulates; it cannot be combined with "
+        "MODEL.EAPM.CLS.ENABLED True",
+        True,
+    )
     _one_of(cfg, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", BOX_REG_LOSSES)
     # FCOS (EAPMFCOS reads these; detectron2's FCOS head checks none of them)
     fc = cfg.MODEL.FCOS
@@ -401,6 +463,26 @@ def _validate_capabilities(cfg: CN) -> None:
             _get(cfg, owner_key),
             f"it has no 'balanced_l1' box loss ({loss_key}); use {use}",
         )
+    # GHM: GHM-C (MODEL.GHM.CLS.ENABLED) and GHM-R (box loss "ghm_r") need SupportsGHM
+    ghm_use = "'EAPMRetinaNet' (or a subclass)"
+    if cfg.MODEL.GHM.CLS.ENABLED and not issubclass(arch, SupportsGHM):
+        _fail(
+            "MODEL.GHM.CLS.ENABLED",
+            True,
+            f"MODEL.META_ARCHITECTURE {arch_name!r} ({arch.__module__}.{arch.__qualname__}) has "
+            f"no GHM-C loss and would train without it; use {ghm_use}",
+        )
+    if (
+        issubclass(arch, RetinaNet)
+        and cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE == "ghm_r"
+        and not issubclass(arch, SupportsGHM)
+    ):
+        _fail(
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+            "ghm_r",
+            f"MODEL.META_ARCHITECTURE {arch_name!r} ({arch.__module__}.{arch.__qualname__}) has "
+            f"no GHM-R box loss; use {ghm_use}",
+        )
     if supports_bl1:
         _checked(
             cfg,
@@ -483,7 +565,8 @@ def eapm_kwargs(cfg: CN) -> Dict[str, Dict[str, Any]]:
     ``"EAPMRetinaNet"``, ``"EAPMFCOS"``, ``"EAPMFastRCNNOutputLayers"``,
     ``"LibraROIHeads"``, ``"BalancedFeaturePyramid"`` (the latter None when
     MODEL.BFP.ENABLED is False). The classes' ``from_config`` add them to detectron2's
-    own arguments; a disabled EAPM switch gives strength 0.0 (off)."""
+    own arguments; a disabled EAPM switch gives strength 0.0 (off), a disabled GHM-C
+    ``ghm_cls=None`` (GHM-R is on when the box loss type is "ghm_r")."""
     e, b = cfg.MODEL.EAPM, cfg.MODEL.BALANCED_L1
     mu = float(e.CLS.MU) if e.CLS.ENABLED else 0.0
     theta = float(e.REG.THETA) if e.REG.ENABLED else 0.0
@@ -491,12 +574,24 @@ def eapm_kwargs(cfg: CN) -> Dict[str, Dict[str, Any]]:
     common = {"histogram_period": int(e.HISTOGRAM_PERIOD), "compile_kernels": bool(e.COMPILE)}
     normalizer = cfg.MODEL.LOSS_NORMALIZER.TYPE
     fc, rh = cfg.MODEL.FCOS, cfg.MODEL.ROI_HEADS
+    gh = cfg.MODEL.GHM
+    ghm = dict(
+        ghm_cls=(
+            dict(bins=int(gh.CLS.BINS), momentum=float(gh.CLS.MOMENTUM)) if gh.CLS.ENABLED else None
+        ),
+        ghm_cls_loss_weight=float(gh.CLS.LOSS_WEIGHT),
+        ghm_reg=dict(mu=float(gh.REG.MU), bins=int(gh.REG.BINS), momentum=float(gh.REG.MOMENTUM)),
+        ghm_reg_loss_weight=float(gh.REG.LOSS_WEIGHT),
+        ghm_all_reduce=bool(gh.ALL_REDUCE),
+        ghm_per_level=bool(gh.PER_LEVEL),
+    )
     return {
         "EAPMRetinaNet": dict(
             eapm_cls_mu=mu,
             eapm_reg_theta=theta,
             balanced_l1=balanced_l1,
             loss_normalizer=normalizer,
+            **ghm,
             **common,
         ),
         "EAPMFCOS": dict(

@@ -7,7 +7,7 @@ functions detectron2 uses (fvcore's focal loss, ``_dense_box_regression_loss``).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,9 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import get_event_storage
 
-from ..capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal
+from ..capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal, SupportsGHM
 from ..config import eapm_kwargs
-from ..losses import check_balanced_l1_params, check_eapm_param
+from ..losses import GHMC, GHMR, check_balanced_l1_params, check_eapm_param, check_ghm_params
 from ..upstream import adapted_from
 from .common import (
     box_reg_balanced_l1,
@@ -33,9 +33,9 @@ __all__ = ["EAPMRetinaNet"]
 
 
 @META_ARCH_REGISTRY.register()
-class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
-    """RetinaNet whose classification loss can be EAPM focal loss and whose regression
-    loss can be (EAPM) balanced L1, besides detectron2's own choices.
+class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, SupportsGHM, RetinaNet):
+    """RetinaNet whose classification loss can be EAPM focal loss or GHM-C and whose
+    regression loss can be (EAPM) balanced L1 or GHM-R, besides detectron2's own choices.
 
     Extra args (besides RetinaNet's), all checked here (``ValueError``):
         eapm_cls_mu: mu >= 0 of EAPM focal loss; 0 = detectron2's focal loss.
@@ -46,6 +46,21 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
         histogram_period: log histograms of Dif / GoS / MF every this many iterations
             (0 = never).
         compile_kernels: run this model's EAPM loss kernels through ``torch.compile``.
+        ghm_cls: None (focal loss) or the keyword arguments of ``eapm.losses.GHMC``
+            (``bins``, ``momentum``): GHM-C replaces the focal loss; needs
+            ``eapm_cls_mu == 0``. The module is the submodule ``ghm_cls`` (its moving
+            average is in this model's state_dict).
+        ghm_cls_loss_weight: factor (>= 0) of the GHM-C loss.
+        ghm_reg: keyword arguments of ``eapm.losses.GHMR`` (``mu``, ``bins``,
+            ``momentum``), used when ``box_reg_loss_type == "ghm_r"`` (the submodule
+            ``ghm_reg``).
+        ghm_reg_loss_weight: factor (>= 0) of the GHM-R loss.
+        ghm_all_reduce: sum the GHM bin counts over all processes (see ``GHMC``).
+        ghm_per_level: one GHM call per feature level (mmdetection), or one over all.
+
+    The GHM losses are not divided by the positive-anchor normaliser (each is normalised
+    by its own number of valid elements, as in mmdetection); the loss keys stay
+    ``loss_cls`` / ``loss_box_reg``.
     """
 
     box_loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
@@ -60,6 +75,12 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
         loss_normalizer: str = "ema",
         histogram_period: int = 0,
         compile_kernels: bool = False,
+        ghm_cls: Optional[Dict[str, Any]] = None,
+        ghm_cls_loss_weight: float = 1.0,
+        ghm_reg: Optional[Dict[str, Any]] = None,
+        ghm_reg_loss_weight: float = 10.0,
+        ghm_all_reduce: bool = False,
+        ghm_per_level: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -71,6 +92,22 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
         self.histogram_period = int(histogram_period)
         self.compile_kernels = bool(compile_kernels)
+        check_ghm_params(loss_weight=ghm_cls_loss_weight)
+        check_ghm_params(loss_weight=ghm_reg_loss_weight)
+        self.ghm_cls_loss_weight = float(ghm_cls_loss_weight)
+        self.ghm_reg_loss_weight = float(ghm_reg_loss_weight)
+        self.ghm_per_level = bool(ghm_per_level)
+        self.ghm_cls = None
+        if ghm_cls is not None:
+            if self.eapm_cls_mu > 0:
+                raise ValueError(
+                    "ghm_cls (GHM-C) replaces the focal loss that EAPM modulates: it needs "
+                    f"eapm_cls_mu 0, got {self.eapm_cls_mu}"
+                )
+            self.ghm_cls = GHMC(**ghm_cls, all_reduce=ghm_all_reduce)
+        self.ghm_reg = None
+        if self.box_reg_loss_type == "ghm_r":
+            self.ghm_reg = GHMR(**(ghm_reg or {}), all_reduce=ghm_all_reduce)
 
     @classmethod
     def from_config(cls, cfg):
@@ -94,21 +131,32 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
         get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
         normalizer = dense_loss_normalizer(self, num_pos_anchors, self.loss_normalizer_type)
 
-        # classification: one-hot targets without the background column
-        gt_labels_target = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[
-            :, :-1
-        ]
-        logits = cat(pred_logits, dim=1)[valid_mask]
-        loss_cls = dense_focal_loss_sum(
-            logits,
-            gt_labels_target,
-            self.eapm_cls_mu,
-            self.focal_loss_alpha,
-            self.focal_loss_gamma,
-            histogram_period=self.histogram_period,
-            compile_kernels=self.compile_kernels,
-        )
+        if self.ghm_cls is not None:  # GHM-C: normalised by its own count, not `normalizer`
+            loss_cls = self.ghm_cls_loss_weight * self._ghm_cls_loss(pred_logits, gt_labels)
+        else:
+            # classification: one-hot targets without the background column
+            gt_labels_target = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[
+                :, :-1
+            ]
+            logits = cat(pred_logits, dim=1)[valid_mask]
+            loss_cls = (
+                dense_focal_loss_sum(
+                    logits,
+                    gt_labels_target,
+                    self.eapm_cls_mu,
+                    self.focal_loss_alpha,
+                    self.focal_loss_gamma,
+                    histogram_period=self.histogram_period,
+                    compile_kernels=self.compile_kernels,
+                )
+                / normalizer
+            )
 
+        if self.box_reg_loss_type == "ghm_r":  # normalised by its own count
+            loss_box_reg = self.ghm_reg_loss_weight * self._ghm_reg_loss(
+                anchors, pred_anchor_deltas, gt_boxes, pos_mask
+            )
+            return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}
         if self.box_reg_loss_type == "balanced_l1":
             loss_box_reg = self._balanced_l1_box_loss(
                 anchors, pred_anchor_deltas, gt_boxes, pos_mask
@@ -123,7 +171,41 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, RetinaNet):
                 box_reg_loss_type=self.box_reg_loss_type,
                 smooth_l1_beta=self.smooth_l1_beta,
             )
-        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+
+    def _level_slices(self, level_sizes: List[int]) -> List[slice]:
+        """The anchor ranges the GHM losses are called on: one per level, or all at once."""
+        if not self.ghm_per_level:
+            return [slice(0, sum(level_sizes))]
+        ends = torch.tensor(level_sizes).cumsum(0).tolist()
+        return [slice(e - n, e) for n, e in zip(level_sizes, ends)]
+
+    def _ghm_cls_loss(self, pred_logits, gt_labels):
+        """Sum over the level slices of GHM-C on (images x anchors x classes) with one-hot
+        targets; ignored anchors (label -1) are invalid elements."""
+        logits = cat(pred_logits, dim=1)  # (N, R, K)
+        valid = gt_labels >= 0
+        labels = torch.where(valid, gt_labels, torch.full_like(gt_labels, self.num_classes))
+        target = F.one_hot(labels, num_classes=self.num_classes + 1)[..., :-1]
+        total = logits.new_zeros(())
+        for sl in self._level_slices([x.shape[1] for x in pred_logits]):
+            x = logits[:, sl]
+            total = total + self.ghm_cls(x, target[:, sl], valid[:, sl, None].expand_as(x))
+        return total
+
+    def _ghm_reg_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
+        """Sum over the level slices of GHM-R on the positive anchors' deltas (every
+        coordinate of a positive anchor valid, as mmdetection's bbox weights)."""
+        all_anchors = type(anchors[0]).cat(anchors).tensor  # (R, 4)
+        gt = torch.stack(gt_boxes)  # (N, R, 4)
+        pred = cat(pred_anchor_deltas, dim=1)  # (N, R, 4)
+        total = pred.new_zeros(())
+        for sl in self._level_slices([len(a) for a in anchors]):
+            pos = pos_mask[:, sl]
+            pos_anchors = all_anchors[sl][None].expand(pos.shape[0], -1, -1)[pos]
+            gt_deltas = self.box2box_transform.get_deltas(pos_anchors, gt[:, sl][pos])
+            total = total + self.ghm_reg(pred[:, sl][pos], gt_deltas)
+        return total
 
     def _balanced_l1_box_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
         """Summed (EAPM) balanced L1 over the foreground anchors' deltas (a scalar)."""

@@ -26,6 +26,7 @@ __all__ = [
     "make_batch",
     "synthetic_batch",
     "grad_norms",
+    "HostSyncCounter",
 ]
 
 REPO_ROOT = os.path.dirname(
@@ -163,3 +164,80 @@ def grad_norms(model: torch.nn.Module, prefixes: Sequence[str]) -> Dict[str, flo
         ]
         out[p] = float(torch.stack(norms).norm()) if norms else 0.0
     return out
+
+
+class HostSyncCounter:
+    """Context manager counting the operations that make the host wait for the device
+    (a "host synchronisation" on a GPU), as seen by a ``TorchDispatchMode``: reading a
+    scalar (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``,
+    ``.tolist()`` of a device tensor), ops whose output size depends on the data
+    (``nonzero``, ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave``
+    without ``output_size``, indexing with a boolean mask) and copies to the CPU from
+    another device. Counted on any device (on a CPU these calls do not wait, but the same
+    code on a GPU would). ``count`` is the total, ``ops`` the names in call order.
+
+        with HostSyncCounter() as c:
+            loss = GHMC()(x, t)
+        assert c.count == 0
+    """
+
+    _SYNC_OPS = (
+        "_local_scalar_dense",
+        "nonzero",
+        "nonzero_static",
+        "masked_select",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "bincount",
+        "histc",
+    )
+
+    def __init__(self):
+        self.ops: List[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
+
+    def __enter__(self) -> "HostSyncCounter":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                if counter._is_sync(name, args, kwargs):
+                    counter.ops.append(name)
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def _is_sync(self, name: str, args, kwargs) -> bool:
+        if name in self._SYNC_OPS:
+            return True
+        if name == "repeat_interleave":
+            return kwargs.get("output_size") is None
+        if name in ("index", "index_put", "index_put_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in indices
+            )
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst_dev = kwargs.get("device") if name == "_to_copy" else args[0].device
+            return (
+                isinstance(src, torch.Tensor)
+                and src.device.type != "cpu"
+                and dst_dev is not None
+                and torch.device(dst_dev).type == "cpu"
+            )
+        return False
