@@ -5,6 +5,10 @@
     python train_net.py --config-file configs/COCO-Detection/retinanet_R_50_FPN_1x_eapm_mu1.5.yaml \
         --num-gpus 8
     python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file configs/quickstart/eapm_retinanet.py train.max_iter=100
+
+A ``.py`` config file is a LazyConfig, trained by ``eapm.lazy`` (same flags; overrides as
+key=value, e.g. train.init_checkpoint=output/model_final.pth with --eval-only).
 
 Multi-node: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
 Preemption: on SIGTERM / SIGUSR1 (SOLVER.PREEMPTION.SIGNALS) training checkpoints after the
@@ -17,14 +21,14 @@ from __future__ import annotations
 
 import logging
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import eapm
 from eapm.checkpoint import EAPMCheckpointer
 from eapm.data import register_from_config
-from eapm.engine import EAPMTrainer, preemption_exit
+from eapm.engine import EAPMTrainer, launch_from_args, preemption_exit
 
 logger = logging.getLogger("eapm")
 
@@ -84,15 +88,12 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
+    if args.config_file.endswith(".py"):  # a LazyConfig: detectron2's LazyConfig training loop
+        from eapm.lazy import launch_main
+
+        raise SystemExit(launch_main(args))
     # validate here too: a bad config fails before any process is spawned
     cfg = load_config(args)
     preemption = cfg.SOLVER.PREEMPTION
     with preemption_exit(preemption.SIGNALS, preemption.EXIT_CODE):
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        launch_from_args(main, args)

@@ -815,7 +815,10 @@ def bench_resume(args) -> None:
         out = os.path.join(tmp, f"resumed{rounds['n']}")
         os.makedirs(out)
         for name in ("model_final.pth", "last_checkpoint"):
-            with open(os.path.join(source, name), "rb") as f, open(os.path.join(out, name), "wb") as g:
+            with (
+                open(os.path.join(source, name), "rb") as f,
+                open(os.path.join(out, name), "wb") as g,
+            ):
                 g.write(f.read())
         run(out, 21, True)  # iteration 20 only
 

@@ -38,7 +38,14 @@ from .checkpoint import EAPMCheckpointer
 from .data import register_from_config
 from .data.resumable import ResumableBatchSampler, build_resumable_train_loader
 
-__all__ = ["EAPMTrainer", "PreemptibleCheckpointer", "Preempted", "cpu_ddp", "preemption_exit"]
+__all__ = [
+    "EAPMTrainer",
+    "PreemptibleCheckpointer",
+    "Preempted",
+    "cpu_ddp",
+    "launch_from_args",
+    "preemption_exit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +172,21 @@ class PreemptibleCheckpointer(hooks.PeriodicCheckpointer):
                 f"{self.exit_code} (rerun with --resume to continue exactly from it)"
             )
             raise Preempted(self.exit_code)
+
+
+def launch_from_args(main, args) -> None:
+    """detectron2's ``launch`` of ``main(args)`` in ``args.num_gpus`` x ``args.num_machines``
+    processes (``args``: train_net.py's parsed command line)."""
+    from detectron2.engine import launch
+
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import random
 import signal
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -246,9 +247,16 @@ def build_resumable_train_loader(cfg, mapper=None) -> torch.utils.data.DataLoade
             )
         bucket_of = [0 if d["width"] > d["height"] else 1 for d in dicts]
     seed = comm.shared_random_seed()  # from the seeded global RNG, as TrainingSampler
+    batch_size = cfg.SOLVER.IMS_PER_BATCH // world
+    # detectron2's wording, so that logs read the same with either loader
+    logging.getLogger(__name__).info(
+        f"Making batched data loader with batch_size={batch_size} (exactly resumable: "
+        f"{len(dicts)} images, seed {seed}, aspect-ratio grouping "
+        f"{'on' if bucket_of else 'off'}, {cfg.DATALOADER.NUM_WORKERS} workers)"
+    )
     sampler = ResumableBatchSampler(
         len(dicts),
-        cfg.SOLVER.IMS_PER_BATCH // world,
+        batch_size,
         seed=seed,
         rank=rank,
         world_size=world,

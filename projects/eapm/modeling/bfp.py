@@ -33,7 +33,7 @@ ablation switch). ``add_bfp(cfg, fpn)`` wraps any other FPN-like backbone.
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,17 @@ def check_refine_type(refine_type: str) -> str:
     return refine_type
 
 
+def _project(tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """A 1x1 conv (``weight`` (C', C, 1, 1), ``bias`` (C',)) applied to (N, HW, C) tokens ->
+    (N, HW, C'), contiguous, as one batched matmul: ``bmm`` reads the transposed (strided)
+    token view in place, where ``conv`` + ``transpose`` + ``contiguous`` would write the map
+    twice. A free function (not a method taking the conv) so that TorchScript can script it."""
+    w = weight.flatten(1).t().expand(tokens.shape[0], -1, -1)  # (N, C, C')
+    if bias is None:
+        return torch.bmm(tokens, w)
+    return torch.baddbmm(bias, tokens, w)
+
+
 class NonLocalBlock2d(nn.Module):
     """Embedded-Gaussian non-local block as used by Libra's BFP (mmcv ``NonLocal2d`` with
     reduction 1, no scaling, no norm, no sub-sampling):
@@ -89,21 +100,15 @@ class NonLocalBlock2d(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    @staticmethod
-    def _project(tokens: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """A 1x1 conv applied to (N, HW, C) tokens -> (N, HW, C'), contiguous, as one
-        batched matmul: ``bmm`` reads the transposed (strided) token view in place, where
-        ``conv`` + ``transpose`` + ``contiguous`` would write the map twice."""
-        w = conv.weight.flatten(1).t()  # (C, C')
-        return torch.baddbmm(conv.bias, tokens, w.expand(tokens.shape[0], -1, -1))
-
     def forward(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
         n, c, h, w = x.shape
         # (N, HW, C) tokens with a unit-stride channel dim: SDPA's fused CPU / GPU kernels
         # need that (with a strided last dim it falls back to its math backend, which
         # materialises the attention matrix)
         tokens = x.flatten(2).transpose(1, 2)
-        q, k, v = (self._project(tokens, m) for m in (self.theta, self.phi, self.g))
+        q = _project(tokens, self.theta.weight, self.theta.bias)
+        k = _project(tokens, self.phi.weight, self.phi.bias)
+        v = _project(tokens, self.g.weight, self.g.bias)
         if fused:
             # one "head"; scale=1.0: Libra's pairwise function has no 1/sqrt(C)
             y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)[:, 0]
@@ -112,7 +117,7 @@ class NonLocalBlock2d(nn.Module):
             # the memory benchmark; the projections are the same as above)
             y = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
         del q, k, v  # inference: free them before the output projection
-        out = self._project(y, self.conv_out)  # (N, HW, C)
+        out = _project(y, self.conv_out.weight, self.conv_out.bias)  # (N, HW, C)
         return x + out.transpose(1, 2).view(n, c, h, w)
 
 
@@ -126,7 +131,8 @@ class _ConvRefine(nn.Module):
         nn.init.xavier_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        # ``fused`` (unused) gives both refinements one signature (TorchScript calls either)
         return F.relu(self.conv(x))
 
 
@@ -177,33 +183,34 @@ class BalancedFeaturePyramid(Backbone):
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return self.fpn.output_shape()
 
-    def balance(self, feats, fused: bool = True):
+    def balance(self, feats: List[torch.Tensor], fused: bool = True) -> List[torch.Tensor]:
         """BFP on a list of maps (finest first): returns the balanced list."""
         r = self.refine_level
         size = feats[r].shape[-2:]
-        gathered = [
-            F.adaptive_max_pool2d(f, size) if i < r else F.interpolate(f, size=size, mode="nearest")
-            for i, f in enumerate(feats)
-        ]
+        gathered: List[torch.Tensor] = []
+        for i, f in enumerate(feats):
+            if i < r:
+                gathered.append(F.adaptive_max_pool2d(f, size))
+            else:
+                gathered.append(F.interpolate(f, size=size, mode="nearest"))
         bsf = torch.stack(gathered).mean(dim=0)
-        if isinstance(self.refine, NonLocalBlock2d):
-            bsf = self.refine(bsf, fused=fused)
-        elif self.refine is not None:
-            bsf = self.refine(bsf)
-        scattered = [
-            (
-                F.interpolate(bsf, size=f.shape[-2:], mode="nearest")
-                if i < r
-                else F.adaptive_max_pool2d(bsf, f.shape[-2:])
-            )
-            for i, f in enumerate(feats)
-        ]
-        return [f + s for f, s in zip(feats, scattered)]
+        if self.refine is not None:
+            bsf = self.refine(bsf, fused)
+        out: List[torch.Tensor] = []
+        for i, f in enumerate(feats):
+            if i < r:
+                out.append(f + F.interpolate(bsf, size=f.shape[-2:], mode="nearest"))
+            else:
+                out.append(f + F.adaptive_max_pool2d(bsf, f.shape[-2:]))
+        return out
 
     def forward(self, x):
         out = self.fpn(x)
         balanced = self.balance([out[k] for k in self.in_features])
-        return dict(zip(self.in_features, balanced))
+        ret: Dict[str, torch.Tensor] = {}
+        for k, v in zip(self.in_features, balanced):
+            ret[k] = v
+        return ret
 
 
 def add_bfp(cfg, fpn: Backbone) -> Backbone:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..paper_results import METRICS  # the COCO metrics, in detectron2's order
+
 __all__ = [
     "METRICS",
     "RunResult",
@@ -24,8 +26,6 @@ __all__ = [
     "identify_config",
     "read_results",
 ]
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 _EVAL_FOR = re.compile(r"Evaluation results for (\S+) in csv format")
 _COPYPASTE = re.compile(r"copypaste: (.*?)\s*$")

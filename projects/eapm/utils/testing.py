@@ -5,9 +5,8 @@ or a GPU. The tests (``tests/conftest.py``) and the tools (``tools/benchmark.py`
 these helpers from here; the tools never import the tests.
 
 Config files are looked up in the repository's ``configs/`` folder, found relative to this
-file (``projects/eapm/utils/testing.py``: the repository root is three folders up), so an
-editable install (``pip install -e .``) sees them; a wheel install has no ``configs/``, and
-a relative config path then raises ``FileNotFoundError``.
+file (``projects/eapm/utils/testing.py``: the repository root is three folders up), or in
+the copy an installed wheel carries (``eapm.model_zoo.CONFIGS_DIR``).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ __all__ = [
     "get_config_file",
     "repo_cfg",
     "tiny_cfg",
+    "tiny_lazy_cfg",
     "make_batch",
     "synthetic_batch",
     "grad_norms",
@@ -32,7 +32,8 @@ __all__ = [
 REPO_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 )
-CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+# the repository's configs/ in a checkout, the packaged copy in an installed wheel
+from ..model_zoo import CONFIGS_DIR  # noqa: E402
 
 
 def get_config_file(config_file: str) -> str:
@@ -93,6 +94,50 @@ def tiny_cfg(config_file: Optional[str] = None, *opts):
     cfg.INPUT.MAX_SIZE_TEST = 64
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def tiny_lazy_cfg(config_file: str, *overrides: str):
+    """The LazyConfig ``config_file`` (see ``get_config_file``) with its ``model`` shrunk as
+    ``tiny_cfg`` shrinks a yacs config: R-18 (BatchNorm, nothing frozen, no stride in the
+    1x1 conv), 32-channel FPN, 1 head conv (dense heads), 64 RoIs and 64 anchors per image,
+    200 proposals in training and a 64-wide box head (R-CNN); loss kernels not compiled.
+    The ``key=value`` ``overrides`` are applied last. For RetinaNet-, FCOS- and
+    GeneralizedRCNN-shaped models, with or without a ``BalancedFeaturePyramid`` around the
+    FPN; returns the (not instantiated) config."""
+    from detectron2.config import LazyConfig
+    from detectron2.layers import ShapeSpec
+
+    cfg = LazyConfig.load(get_config_file(config_file))
+    model = cfg.model
+    fpn = model.backbone.fpn if "fpn" in model.backbone else model.backbone
+    bottom_up = fpn.bottom_up
+    bottom_up.stem.norm = "BN"
+    bottom_up.stages.depth = 18
+    bottom_up.stages.norm = "BN"
+    bottom_up.stages.pop("stride_in_1x1", None)
+    bottom_up.freeze_at = 0
+    fpn.out_channels = 32
+    top = fpn.top_block
+    if "in_channels" in top:  # LastLevelP6P7: from res5 (RetinaNet) or from p5 (FCOS)
+        top.in_channels = 32 if top.get("in_feature", "res5") == "p5" else 512
+    if "head" in model:  # dense detectors
+        model.head.input_shape = [ShapeSpec(channels=32)] * len(model.head.input_shape)
+        model.head.conv_dims = [32]
+    if "compile_kernels" in model:
+        model.compile_kernels = False
+    if "roi_heads" in model:  # R-CNN
+        rpn = model.proposal_generator
+        rpn.head.in_channels = 32
+        rpn.batch_size_per_image = 64
+        rpn.post_nms_topk = (200, rpn.post_nms_topk[1])
+        heads = model.roi_heads
+        heads.batch_size_per_image = 64
+        heads.box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
+        heads.box_head.fc_dims = [64, 64]
+        heads.box_predictor.input_shape = ShapeSpec(channels=64)
+        if "compile_kernels" in heads.box_predictor:
+            heads.box_predictor.compile_kernels = False
+    return LazyConfig.apply_overrides(cfg, list(overrides))
 
 
 def make_batch(

@@ -1,0 +1,42 @@
+# LazyConfig twin of fcos_R_50_FPN_1x.yaml (Base-FCOS.yaml): detectron2's own
+# COCO-Detection/fcos_R_50_FPN_1x.py as EAPMFCOS, with the paper's (mmdetection's) recipe:
+# single scale 800, constant warm-up at lr / 3 for 500 iterations, bias lr x2 without weight
+# decay, gradient norm clipped at 35.
+from detectron2.config import LazyCall as L
+from detectron2.model_zoo import get_config
+from detectron2.solver import WarmupParamScheduler
+
+from eapm.modeling import EAPMFCOS
+
+_base = get_config("COCO-Detection/fcos_R_50_FPN_1x.py")
+dataloader, model, optimizer, train = (
+    _base.dataloader,
+    _base.model,
+    _base.optimizer,
+    _base.train,
+)
+
+model._target_ = EAPMFCOS
+model.eapm_cls_mu = 0.0  # MODEL.EAPM.CLS.MU (0 = detectron2's focal loss)
+model.box_loss_type = "giou"  # MODEL.FCOS.BOX_LOSS_TYPE
+model.loss_normalizer = "ema"  # MODEL.LOSS_NORMALIZER.TYPE
+model.compile_kernels = True  # MODEL.EAPM.COMPILE
+
+dataloader.train.mapper.augmentations[0].short_edge_length = (800,)
+dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
+
+optimizer.lr = 0.01
+optimizer.params.base_lr = "${..lr}"
+optimizer.params.bias_lr_factor = 2.0
+optimizer.params.weight_decay_bias = 0.0
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=_base.lr_multiplier.scheduler,  # x0.1 at 60k and 80k of 90k
+    warmup_length=500 / 90000,
+    warmup_method="constant",
+    warmup_factor=1.0 / 3,
+)
+train.eval_period = 0
+train.seed = -1
+train.checkpointer.period = 10000
+train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=35.0, norm_type=2.0)
+train.output_dir = "./output/coco/fcos_R_50_FPN_1x"
