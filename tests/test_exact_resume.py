@@ -354,3 +354,48 @@ def test_preemption_keys_validated():
     with pytest.raises(ValueError, match=r"^Invalid config DATALOADER\.SAMPLER_TRAIN"):
         eapm.load_config(cfg_file, ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"])
     assert sys.modules["eapm"].load_config(cfg_file).SOLVER.PREEMPTION.EXIT_CODE == 75
+
+
+def test_a_process_exits_with_the_training_loader_still_iterating():
+    """The loader's workers ignore SIGTERM (preemption safety); multiprocessing's exit
+    handler stops daemonic children with SIGTERM and then waits for them. A script that
+    exits with the loader's iterator alive must still exit (it used to hang forever)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from eapm.data.resumable import ResumableBatchSampler, _PreemptionSafeLoader, _worker_init
+
+        class Items(torch.utils.data.Dataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, key):
+                return key[0]
+
+        loader = _PreemptionSafeLoader(
+            Items(),
+            batch_sampler=ResumableBatchSampler(8, 2, seed=3),
+            num_workers=1,
+            collate_fn=list,
+            worker_init_fn=_worker_init,
+        )
+        it = iter(loader)
+        print("batch", next(it), flush=True)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail("the process did not exit with the loader's iterator alive (hung at exit)")
+    assert proc.returncode == 0, err[-2000:]
+    assert out.startswith("batch ["), out

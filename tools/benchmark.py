@@ -38,6 +38,14 @@ Sections (--only; default: all but train on cpu, all on cuda):
            RetinaNet on the embedded dataset (DATALOADER.EXACT_RESUME: the loader's
            position is restored by index arithmetic, no image already used is loaded);
            each run is a fresh process, interleaved with the other. Not in the default set.
+  recipe   the quickstart recipe of 0.4 vs the one before it: training steps (data loading,
+           forward, backward, AdamW) of EAPMTrainers built from
+           configs/quickstart/eapm_retinanet_0.3.yaml (the reference) and eapm_retinanet.yaml
+           (--recipe-config: the reference, then any number of others), on the embedded
+           dataset, interleaved step by step, --recipe-iters steps each after --warmup
+           (--recipe-opts: overrides for all); prints the step-time ratios and the
+           training-time ratios (step-time ratio x the ratio of the configs' SOLVER.MAX_ITER).
+           Not in the default set.
   train    the GPU check: seconds per iteration and peak memory of a training step (AMP:
            float16 on cuda, bfloat16 on cpu, autocast + GradScaler) of RetinaNet R-50-FPN with
            detectron2's losses and with EAPM mu 1.5 (compiled and eager), --batch images of
@@ -59,7 +67,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-SECTIONS = ("focal", "box", "step", "sampler", "bfp", "ghm", "resume", "train")
+SECTIONS = ("focal", "box", "step", "sampler", "bfp", "ghm", "resume", "recipe", "train")
 CPU_DEFAULT = ("focal", "box", "step", "sampler", "bfp", "ghm")
 RESULTS: Dict[str, dict] = {}  # every report, by title (--json)
 
@@ -831,6 +839,76 @@ def bench_resume(args) -> None:
     )
 
 
+# ----------------------------------------------------------------------------
+# recipe: the quickstart's training step, 0.4 recipe vs 0.3 recipe
+# ----------------------------------------------------------------------------
+RECIPES = ("quickstart/eapm_retinanet_0.3.yaml", "quickstart/eapm_retinanet.yaml")
+
+
+class _TrainerStep:
+    """One training step (``run_step``: next batch of its own loader, forward, backward,
+    optimizer) of an EAPMTrainer built from a repository config, inside its own event
+    storage; no hooks (no lr schedule, checkpoints or logs)."""
+
+    def __init__(self, config: str, opts):
+        from detectron2.utils.env import seed_all_rng
+        from detectron2.utils.events import EventStorage
+
+        import eapm
+        from eapm.engine import EAPMTrainer
+        from eapm.utils.testing import get_config_file
+
+        cfg = eapm.load_config(get_config_file(config), list(opts), training=True)
+        cfg.freeze()
+        seed_all_rng(cfg.SEED)  # as train_net.py (default_setup): the same start every run
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.trainer = EAPMTrainer(cfg)
+        self.storage = EventStorage(0)
+
+    def __call__(self) -> None:
+        with self.storage:
+            self.trainer.iter = self.storage.iter
+            self.trainer.run_step()
+            self.storage.iter += 1
+
+    def close(self) -> None:
+        self.trainer.close_train_loader()
+
+
+def bench_recipe(args) -> None:
+    import tempfile
+
+    if len(args.recipe_config) < 2:
+        sys.exit("--recipe-config needs two configs or more (the first is the reference)")
+    old, new = args.recipe_config[:2]
+    tmp = tempfile.mkdtemp(prefix="eapm_bench_recipe_")
+    steps = {}
+    try:
+        for i, config in enumerate(args.recipe_config):
+            opts = list(args.recipe_opts) + ["OUTPUT_DIR", os.path.join(tmp, str(i))]
+            steps[config] = _TrainerStep(config, opts)
+        times = interleaved(steps, args.recipe_iters, args.warmup)
+    finally:
+        for step in steps.values():
+            step.close()
+    ratios = report(
+        f"[recipe] training step (data, forward, backward, AdamW) on the embedded dataset,"
+        f" {args.recipe_iters} steps each, interleaved, {torch.get_num_threads()} threads",
+        times,
+        old,
+    )
+    for config, ratio in ratios.items():
+        iters = steps[config].max_iter / steps[old].max_iter
+        print(
+            f"  training time {config} / {old}: {ratio * iters:.3f}x  (step-time ratio"
+            f" {ratio:.3f}x x SOLVER.MAX_ITER {steps[config].max_iter} / {steps[old].max_iter})"
+        )
+    RESULTS["[recipe] training time"] = {
+        "ratio": ratios[new] * steps[new].max_iter / steps[old].max_iter,
+        "step_ratio": ratios[new],
+    }
+
+
 BENCHES = {
     "focal": bench_focal,
     "box": bench_box,
@@ -839,6 +917,7 @@ BENCHES = {
     "bfp": bench_bfp,
     "ghm": bench_ghm,
     "resume": bench_resume,
+    "recipe": bench_recipe,
     "train": bench_train,
 }
 
@@ -860,6 +939,18 @@ def main(argv=None) -> Dict[str, dict]:
     p.add_argument("--ghm-anchors", type=int, default=50000,
                    help="ghm: anchors of the N x 80 logits (default 50000)")  # fmt: skip
     p.add_argument("--bfp-batch", type=int, default=1, help="bfp: maps per step (default 1)")
+    p.add_argument("--recipe-config", nargs="+", default=RECIPES, metavar="CONFIG",
+                   help="recipe: the reference config, then the ones compared with it (under"
+                   " configs/, or paths; default: %(default)s)")  # fmt: skip
+    p.add_argument("--recipe-iters", type=int, default=100,
+                   help="recipe: timed training steps of each config (default 100)")  # fmt: skip
+    p.add_argument(
+        "--recipe-opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="recipe: overrides for every config (e.g. DATALOADER.NUM_WORKERS 0)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every report (ratios, medians) here")
     p.add_argument("--bfp-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

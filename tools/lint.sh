@@ -11,7 +11,7 @@ exec bash tools/env.sh bash -c '
   set -euo pipefail
   if ! python -m pip freeze 2>/dev/null | grep -qix "$(grep -m1 "^black==" requirements-lint.txt)"; then
     echo "[lint] installing requirements-lint.txt" >&2
-    python -m pip install --quiet -r requirements-lint.txt 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+    python -m pip install --quiet -r requirements-lint.txt -c constraints.txt 2>&1 | grep -v "is ignored: it is neither" >&2 || true
   fi
   if [ "${1:-}" = "--fix" ]; then
     shift

@@ -1,6 +1,7 @@
 # LazyConfig twin of eapm_retinanet.yaml (with Base-Shapes.yaml and retinanet.yaml): RetinaNet
-# R-18-FPN from scratch (BatchNorm everywhere) with EAPM focal loss (mu 1.5) and EAPM balanced
-# L1 (theta 1.0) on the embedded dataset, AdamW, 1000 iterations of 8 images, on a CPU:
+# R-18-FPN at width 32 from scratch (BatchNorm everywhere, channels-last) with EAPM focal loss
+# (mu 1.5) and EAPM balanced L1 (theta 1.0) on the embedded dataset, AdamW, 1000 iterations of
+# 8 images, on a CPU:
 #   python train_net.py --config-file configs/quickstart/eapm_retinanet.py
 # Built on detectron2's own COCO-Detection/retinanet_R_50_FPN_1x.py.
 from detectron2.config import LazyCall as L
@@ -10,6 +11,7 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from eapm.modeling import EAPMRetinaNet
+from eapm.modeling.backbone import make_basic_stages
 
 _base = get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
 dataloader, model, train = _base.dataloader, _base.model, _base.train
@@ -18,14 +20,15 @@ _optim = get_config("common/optim.py")
 # ------------------------------------------------------------------ model
 model._target_ = EAPMRetinaNet
 _bottom_up = model.backbone.bottom_up
+# R-18 at width 32 (yacs: build_retinanet_slim_resnet_fpn_backbone, STEM_OUT_CHANNELS and
+# RES2_OUT_CHANNELS 32): stem 32, res2..res5 32, 64, 128, 256 channels
 _bottom_up.stem.norm = "BN"
-_bottom_up.stages.depth = 18
-_bottom_up.stages.norm = "BN"
-del _bottom_up.stages.stride_in_1x1  # R-18's BasicBlock has no 1x1 conv
+_bottom_up.stem.out_channels = 32
+_bottom_up.stages = L(make_basic_stages)(depth=18, stem_channels=32, res2_channels=32, norm="BN")
 _bottom_up.freeze_at = 0  # from scratch: nothing frozen
 model.backbone.out_channels = 64
 model.backbone.norm = "BN"
-model.backbone.top_block.in_channels = 512  # R-18's res5
+model.backbone.top_block.in_channels = 256  # res5
 model.head.input_shape = [ShapeSpec(channels=64)] * 5
 model.head.conv_dims = [64, 64]
 model.head.norm = "BN"
@@ -61,7 +64,7 @@ dataloader.train.mapper.augmentations[0].short_edge_length = (128,)
 dataloader.train.mapper.augmentations[0].max_size = 128
 dataloader.train.mapper.use_instance_mask = False
 dataloader.train.total_batch_size = 8
-dataloader.train.num_workers = 1
+dataloader.train.num_workers = 0  # 2 cores: see Base-Shapes.yaml
 dataloader.test.dataset.names = "eapm_shapes_val"
 dataloader.test.mapper.augmentations[0].short_edge_length = 128
 dataloader.test.mapper.augmentations[0].max_size = 128
@@ -85,6 +88,7 @@ train.max_iter = 1000
 train.checkpointer.period = 500
 train.eval_period = 0
 train.device = "cpu"
+train.channels_last = True  # yacs MODEL.CHANNELS_LAST: faster oneDNN convolutions on CPUs
 train.seed = 1
 train.init_checkpoint = ""
 train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=10.0, norm_type=2.0)

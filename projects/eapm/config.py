@@ -74,6 +74,11 @@ def add_eapm_config(cfg: CN) -> CN:
     # Per model: two models in one process can differ. Worth it for COCO-sized heads;
     # the quickstart configs turn it off (tiny tensors).
     _C.MODEL.EAPM.COMPILE = True
+    # Keep the model's parameters (and so its convolutions' activations) in the channels-last
+    # memory format: the same network and math, faster oneDNN convolutions on CPUs (the
+    # quickstart configs turn it on; measured in tools/benchmark.py --only recipe). Applied by
+    # EAPMTrainer.build_model (training and --eval-only).
+    _C.MODEL.CHANNELS_LAST = False
 
     # -------------------------------------------------------- balanced L1
     _C.MODEL.BALANCED_L1 = CN()

@@ -232,6 +232,15 @@ class EAPMTrainer(DefaultTrainer):
             super().__init__(cfg)
 
     @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model of ``cfg``, in the channels-last memory format with
+        MODEL.CHANNELS_LAST."""
+        model = super().build_model(cfg)
+        if cfg.MODEL.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    @classmethod
     def build_train_loader(cls, cfg):
         """The exactly resumable loader (DATALOADER.EXACT_RESUME True), else detectron2's."""
         if cfg.DATALOADER.EXACT_RESUME:

@@ -9,11 +9,13 @@ loop (a ``SimpleTrainer`` / ``AMPTrainer`` with detectron2's hooks, as its
 
 A LazyConfig holds ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``),
 ``optimizer``, ``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys), and
-two keys of this project in ``train``:
+three keys of this project in ``train``:
 
 * ``train.clip_gradients``: ``dict(enabled, clip_type "value"|"norm", clip_value,
   norm_type)``, yacs' ``SOLVER.CLIP_GRADIENTS`` (``clip_gradients`` below);
-* ``train.seed``: the random seed (< 0: a random one), yacs' ``SEED``.
+* ``train.seed``: the random seed (< 0: a random one), yacs' ``SEED``;
+* ``train.channels_last``: the model in the channels-last memory format, yacs'
+  ``MODEL.CHANNELS_LAST`` (``build_model``).
 
 On a machine without CUDA ``train.device`` falls back to ``"cpu"`` (several processes then
 use GLOO, as on the yacs path). The embedded dataset ``eapm_shapes_*`` is registered at
@@ -46,7 +48,15 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import EAPMCheckpointer
 from .data import register_coco_json, register_embedded
 
-__all__ = ["load_lazy_config", "clip_gradients", "do_test", "do_train", "main", "launch_main"]
+__all__ = [
+    "load_lazy_config",
+    "build_model",
+    "clip_gradients",
+    "do_test",
+    "do_train",
+    "main",
+    "launch_main",
+]
 
 logger = logging.getLogger("eapm")
 
@@ -122,6 +132,16 @@ def _ddp(cfg, model):
     return create_ddp_model(model, **kwargs)
 
 
+def build_model(cfg) -> torch.nn.Module:
+    """``cfg.model`` instantiated on ``train.device``, in the channels-last memory format
+    with ``train.channels_last`` (yacs' ``MODEL.CHANNELS_LAST``; default False)."""
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    if cfg.train.get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def do_test(cfg, model) -> Dict[str, Any]:
     """COCO evaluation (``dataloader.test`` + ``dataloader.evaluator``); prints detectron2's
     ``copypaste:`` lines and returns the results ({} without an evaluator)."""
@@ -140,9 +160,8 @@ def do_train(args, cfg) -> None:
     ``cfg.lr_multiplier`` and ``cfg.dataloader.train`` for ``train.max_iter`` iterations,
     checkpointing every ``train.checkpointer.period``, evaluating every
     ``train.eval_period`` (0: at the end only) and at the end."""
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     logger.info(f"Model:\n{model}")
-    model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     clip = cfg.train.get("clip_gradients", None)
@@ -187,9 +206,7 @@ def main(args) -> Optional[Dict[str, Any]]:
     or training."""
     cfg = setup(args)
     if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = _ddp(cfg, model)
+        model = _ddp(cfg, build_model(cfg))
         EAPMCheckpointer(model, cfg.train.output_dir).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )

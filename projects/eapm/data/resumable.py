@@ -29,11 +29,13 @@ The state after every batch handed out is kept until the trainer asks for it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import logging
 import random
 import signal
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -205,21 +207,42 @@ def _worker_init(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_IGNORED)
 
 
+# the live multi-process iterators of _PreemptionSafeLoader, shut down at interpreter exit
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _shut_down_live_iterators() -> None:
+    """At exit, before multiprocessing's own exit handler (atexit runs the handlers
+    registered later first): that handler stops daemonic children with SIGTERM, which these
+    workers ignore, and then waits for them forever. The iterator's own shutdown asks the
+    workers to finish and joins them."""
+    for it in list(_LIVE_ITERATORS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+atexit.register(_shut_down_live_iterators)
+
+
 class _PreemptionSafeLoader(torch.utils.data.DataLoader):
     """A DataLoader whose worker processes never die of a preemption signal: they are
     started with the signals blocked (the mask is inherited, also by spawned workers
     that take seconds to import torch), and ``_worker_init`` ignores them. The main
     process gets a signal that arrives meanwhile as soon as the workers are started.
-    The workers must be shut down by the loader (the trainer does), not by SIGTERM."""
+    The workers must be shut down by the loader (the trainer does, and an exit handler
+    does for iterators still alive when the interpreter exits), not by SIGTERM."""
 
     def __iter__(self):
         if self.num_workers == 0:
             return super().__iter__()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORED)
         try:
-            return super().__iter__()
+            it = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _LIVE_ITERATORS.add(it)
+        return it
 
 
 def build_resumable_train_loader(cfg, mapper=None) -> torch.utils.data.DataLoader:

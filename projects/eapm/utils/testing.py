@@ -72,13 +72,14 @@ def repo_cfg(config_file: Optional[str] = None, *opts):
 
 def tiny_cfg(config_file: Optional[str] = None, *opts):
     """The project's config (optionally merged from a repo config file, see
-    ``get_config_file``), shrunk to a tiny CPU model: R-18, 64-channel res2, 32-channel
+    ``get_config_file``), shrunk to a tiny CPU model: R-18, 64-channel stem and res2, 32-channel
     FPN, 1 head conv, 64 px test inputs, no pretrained weights; ``opts`` (``KEY, VALUE,
     ...``) are merged last, over the shrinking. Returns a detectron2 CfgNode."""
     cfg = repo_cfg(config_file)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
@@ -98,8 +99,8 @@ def tiny_cfg(config_file: Optional[str] = None, *opts):
 
 def tiny_lazy_cfg(config_file: str, *overrides: str):
     """The LazyConfig ``config_file`` (see ``get_config_file``) with its ``model`` shrunk as
-    ``tiny_cfg`` shrinks a yacs config: R-18 (BatchNorm, nothing frozen, no stride in the
-    1x1 conv), 32-channel FPN, 1 head conv (dense heads), 64 RoIs and 64 anchors per image,
+    ``tiny_cfg`` shrinks a yacs config: R-18 at width 64 (BatchNorm, nothing frozen, no stride
+    in the 1x1 conv), 32-channel FPN, 1 head conv (dense heads), 64 RoIs and 64 anchors per image,
     200 proposals in training and a 64-wide box head (R-CNN); loss kernels not compiled.
     The ``key=value`` ``overrides`` are applied last. For RetinaNet-, FCOS- and
     GeneralizedRCNN-shaped models, with or without a ``BalancedFeaturePyramid`` around the
@@ -115,6 +116,10 @@ def tiny_lazy_cfg(config_file: str, *overrides: str):
     bottom_up.stages.depth = 18
     bottom_up.stages.norm = "BN"
     bottom_up.stages.pop("stride_in_1x1", None)
+    bottom_up.stem.out_channels = 64
+    for key in ("stem_channels", "res2_channels"):  # eapm.modeling.backbone.make_basic_stages
+        if key in bottom_up.stages:
+            bottom_up.stages[key] = 64
     bottom_up.freeze_at = 0
     fpn.out_channels = 32
     top = fpn.top_block
