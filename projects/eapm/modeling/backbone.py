@@ -17,7 +17,7 @@ from typing import List
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, ResNet, build_resnet_backbone
+from detectron2.modeling.backbone import FPN, Backbone, ResNet, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 
@@ -26,6 +26,7 @@ __all__ = [
     "make_basic_stages",
     "build_slim_resnet_backbone",
     "build_retinanet_slim_resnet_fpn_backbone",
+    "fpn_from_config",
 ]
 
 # blocks per stage (res2..res5) of the ResNets made of BasicBlocks
@@ -85,17 +86,23 @@ def build_slim_resnet_backbone(cfg, input_shape: ShapeSpec):
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
+def fpn_from_config(cfg, bottom_up: Backbone, top_block) -> FPN:
+    """detectron2's FPN on ``bottom_up`` with ``MODEL.FPN.*`` (IN_FEATURES, OUT_CHANNELS,
+    NORM, FUSE_TYPE) and the given ``top_block`` (e.g. ``LastLevelP6P7``)."""
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
 @BACKBONE_REGISTRY.register()
 def build_retinanet_slim_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """RetinaNet's ResNet-FPN (P3-P7: ``MODEL.FPN.IN_FEATURES`` res3-res5, P6 and P7 from
     res5) on ``build_slim_resnet_backbone``."""
     bottom_up = build_slim_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    res5 = bottom_up.output_shape()["res5"].channels
+    return fpn_from_config(cfg, bottom_up, LastLevelP6P7(res5, cfg.MODEL.FPN.OUT_CHANNELS))

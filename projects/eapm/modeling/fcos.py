@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
@@ -29,6 +29,7 @@ from ..capabilities import SupportsEAPMFocal
 from ..config import FCOS_BOX_LOSSES, eapm_kwargs
 from ..losses import check_eapm_param
 from ..upstream import adapted_from
+from .backbone import fpn_from_config
 from .common import check_loss_normalizer, dense_focal_loss_sum, dense_loss_normalizer
 
 __all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone"]
@@ -41,16 +42,9 @@ FCOS_NORMALIZER_INITIAL = 300
 def build_fcos_resnet_fpn_backbone(cfg, input_shape):
     """ResNet-FPN giving P3-P7 (with MODEL.FPN.IN_FEATURES res3-res5), P6 from P5 and
     P7 from P6 (3x3 stride-2 convs with MODEL.FPN.OUT_CHANNELS in and out)."""
-    bottom_up = build_resnet_backbone(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    top_block = LastLevelP6P7(out_channels, out_channels, in_feature="p5")
+    return fpn_from_config(cfg, build_resnet_backbone(cfg, input_shape), top_block)
 
 
 @META_ARCH_REGISTRY.register()
