@@ -9,7 +9,13 @@ cd "$repo"
 targets=(projects tests tools train_net.py)
 exec bash tools/env.sh bash -c '
   set -euo pipefail
-  if ! python -m pip freeze 2>/dev/null | grep -qix "$(grep -m1 "^black==" requirements-lint.txt)"; then
+  frozen=$(python -m pip freeze 2>/dev/null)
+  missing=0
+  while read -r req; do  # every pin of requirements-lint.txt installed? (black may come with detectron2)
+    case "$req" in ""|\#*) continue ;; esac
+    grep -qix "$req" <<<"$frozen" || missing=1
+  done < requirements-lint.txt
+  if [ "$missing" = 1 ]; then
     echo "[lint] installing requirements-lint.txt" >&2
     python -m pip install --quiet -r requirements-lint.txt -c constraints.txt 2>&1 | grep -v "is ignored: it is neither" >&2 || true
   fi
