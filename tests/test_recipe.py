@@ -85,16 +85,6 @@ def test_slim_resnet_rejects_what_basic_blocks_cannot_do(key, value):
         build_slim_resnet_backbone(_resnet_cfg(key, value), ShapeSpec(channels=3))
 
 
-def _quickstart_tiny(config, *opts):
-    return tiny_cfg(
-        config,
-        "MODEL.EAPM.COMPILE", False,
-        "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-        *opts,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -111,9 +101,7 @@ def test_channels_last_model_gives_the_same_losses_and_gradients(config, storage
 
     models = {}
     for cl in (False, True):
-        cfg = _quickstart_tiny(config, "MODEL.CHANNELS_LAST", cl)
-        if cfg.MODEL.RESNETS.DEPTH in (18, 34) and "slim" not in cfg.MODEL.BACKBONE.NAME:
-            cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
+        cfg = tiny_cfg(config, "MODEL.EAPM.COMPILE", False, "MODEL.CHANNELS_LAST", cl)
         torch.manual_seed(0)
         models[cl] = EAPMTrainer.build_model(cfg)
     convs = [m.weight for m in models[True].modules() if isinstance(m, torch.nn.Conv2d)]
