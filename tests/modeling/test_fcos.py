@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, grad_norms, make_batch, tiny_cfg
+from tests.helpers import REPO, grad_norms, make_batch, tiny_cfg
 
 LOSS_KEYS = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr")
 # 64 FPN channels: the quickstart head uses GN (32 groups), which needs >= 2 channels per group

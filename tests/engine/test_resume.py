@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
-from tinycoco import env, read_metrics, run_train_net, tail, tiny_datasets, tiny_opts, train_net_cmd
+from tests.helpers import REPO
+from tests.helpers import env, read_metrics, run_train_net, tail, tiny_datasets, tiny_opts, train_net_cmd
 
 CONFIG = ["--config-file", "configs/quickstart/eapm_retinanet.yaml"]
 MAX_ITER = 40

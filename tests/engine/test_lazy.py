@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, make_batch, tiny_cfg
+from tests.helpers import REPO, make_batch, tiny_cfg
 
 from eapm.utils.testing import tiny_lazy_cfg
 

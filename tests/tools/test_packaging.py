@@ -14,7 +14,7 @@ import textwrap
 import zipfile
 
 import pytest
-from conftest import REPO
+from tests.helpers import REPO
 
 SOURCES = ["setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md"]
 

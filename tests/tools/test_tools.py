@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_batch, tiny_cfg
+from tests.helpers import REPO, make_batch, tiny_cfg
 
 TOOLS = os.path.join(REPO, "tools")
 EAPM_TAGS = (

@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, make_batch, tiny_cfg
-from tinycoco import (
+from tests.helpers import REPO, make_batch, tiny_cfg
+from tests.helpers import (
     env,
     free_port,
     kill_group,

@@ -1,7 +1,11 @@
-"""Helpers of the reliability tests (test_distributed / test_resume / test_robustness):
-tiny COCO-json datasets written to a temporary folder, and train_net.py run as a
-subprocess on them with a tiny model, so that a run (model build, a few iterations,
-COCO evaluation) takes seconds on two CPU cores."""
+"""The helpers the tests share (``from tests.helpers import ...``):
+
+* the tiny configs, synthetic batches and gradient norms of ``eapm.utils.testing`` (the
+  tools use those too; the tools never import the tests), re-exported;
+* ``REPO`` / ``CONFIGS``: the repository root and its configs folder;
+* tiny COCO-json datasets written to a temporary folder, and train_net.py run as a
+  subprocess on them with a tiny model, so that a run (model build, a few iterations,
+  COCO evaluation) takes seconds on two CPU cores."""
 
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
-from conftest import REPO
+
+from eapm.utils.testing import grad_norms, make_batch, tiny_cfg  # noqa: F401  (re-exported)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
 
 SIZE = 64
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from tests.helpers import REPO
 
 TINY = [
     "SOLVER.MAX_ITER",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 from eapm.modeling.bfp import BalancedFeaturePyramid, NonLocalBlock2d
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from tests.helpers import REPO, tiny_cfg
 
 from eapm.export import eager_inference, export_scripting, export_tracing
 

@@ -10,8 +10,8 @@ import torch
 
 from eapm.losses import GHMC, GHMR, check_ghm_params, ghm_bin_index
 from eapm.utils.testing import HostSyncCounter, make_batch, tiny_cfg
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import CONFIGS, grad_norms, make_batch, tiny_cfg
+from tests.helpers import CONFIGS, grad_norms, make_batch, tiny_cfg
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import EventStorage

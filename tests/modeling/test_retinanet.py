@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import grad_norms, make_batch, tiny_cfg
+from tests.helpers import grad_norms, make_batch, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 

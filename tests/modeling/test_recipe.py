@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch, tiny_cfg
+from tests.helpers import make_batch, tiny_cfg
 
 from eapm.utils.testing import repo_cfg
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 from eapm.modeling.sampling import instance_balanced_positives, iou_balanced_negatives, quota_sample
 
