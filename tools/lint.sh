@@ -6,7 +6,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-targets=(projects tests tools train_net.py)
+targets=(.)  # the whole tree (configs and setup.py too); .venv, datasets and outputs excluded in setup.cfg / pyproject.toml
 exec bash tools/env.sh bash -c '
   set -euo pipefail
   frozen=$(python -m pip freeze 2>/dev/null)

@@ -8,4 +8,4 @@ in detectron2's registries; ``eapm.add_eapm_config`` adds its config keys and
 from . import modeling  # noqa: F401  (registers)
 from .config import add_eapm_config, eapm_kwargs, load_config, validate_config  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.5.0"
