@@ -4,3 +4,4 @@ from .register import (  # noqa: F401
     register_embedded,
     register_from_config,
 )
+from .validate import DatasetError, DatasetFileNotFoundError, check_coco_dataset  # noqa: F401

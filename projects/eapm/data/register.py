@@ -7,13 +7,20 @@ from detectron2's builtin registration under ``$DETECTRON2_DATASETS/coco``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from . import shapes
+from .image_check import LEVELS
+from .validate import (
+    DatasetError,
+    DatasetFileNotFoundError,
+    categories_of,
+    check_coco_dataset,
+    load_coco_json_text,
+)
 
 __all__ = ["register_embedded", "register_coco_json", "register_from_config", "EMBEDDED_NAMES"]
 
@@ -52,72 +59,132 @@ def register_embedded(root: str | None = None) -> None:
 
 def _check_coco_json(name: str, json_file: str, image_root: str) -> None:
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"Dataset '{name}': annotation file not found: {json_file}")
+        raise DatasetFileNotFoundError(f"Dataset '{name}': annotation file not found: {json_file}")
     if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"Dataset '{name}': image folder not found: {image_root}")
+        raise DatasetFileNotFoundError(f"Dataset '{name}': image folder not found: {image_root}")
 
 
-def _load_checked(name: str, json_file: str, image_root: str):
-    from .validate import validate_dataset_dicts
-
-    _check_coco_json(name, json_file, image_root)
-    try:
-        dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
-    except KeyError as e:  # detectron2: "Encountered category_id=7 but this id does not exist ..."
-        raise ValueError(
-            _unknown_category_message(name, json_file) or f"Dataset '{name}' ({json_file}): {e}"
-        ) from e
-    validate_dataset_dicts(dicts, name, json_file)
-    return dicts
+def _load_checked(name: str, json_file: str, image_root: str, level: str, num_workers: int):
+    """The dataset's dicts, after ``check_coco_dataset`` (instant when this process or the
+    cache has checked the unchanged files)."""
+    check_coco_dataset(name, json_file, image_root, level=level, num_workers=num_workers)
+    return load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
 
 
-def _unknown_category_message(name: str, json_file: str) -> str | None:
-    """Which annotation (and image) has a category id missing from 'categories'."""
-    with open(json_file) as f:
-        coco = json.load(f)
-    known = {c["id"] for c in coco.get("categories", [])}
-    files = {im.get("id"): im.get("file_name") for im in coco.get("images", [])}
-    for ann in coco.get("annotations", []):
-        if ann.get("category_id") not in known:
-            return (
-                f"Dataset '{name}' ({json_file}): annotation {ann.get('id')} of image "
-                f"{files.get(ann.get('image_id'))} has category_id {ann.get('category_id')}, "
-                f"which is not among the file's 'categories' (ids {sorted(known)})"
-            )
-    return None
+def register_coco_json(
+    name: str,
+    json_file: str,
+    image_root: str,
+    *,
+    check_images: str = "decode",
+    check_workers: int = 0,
+    check_now: bool = False,
+) -> None:
+    """Register a COCO-json detection dataset under ``name`` (idempotent for the same files).
 
+    The dataset is checked (``eapm.data.validate.check_coco_dataset`` at level
+    ``check_images``: "exists", "header" or "decode", in ``check_workers`` threads, 0 = one
+    per CPU) when it is first loaded, or here with ``check_now`` (what a training run wants:
+    the error before the model is built; in a multi-process run the first process of each
+    machine checks, the others then find the result cached).
 
-def register_coco_json(name: str, json_file: str, image_root: str) -> None:
-    """Register a COCO-json detection dataset under ``name`` (idempotent for the same files)."""
+    Raises ``DatasetFileNotFoundError`` (the json or image folder is missing),
+    ``DatasetError`` (invalid json, no categories; with ``check_now`` whatever the check
+    finds), ``ValueError`` if ``name`` is registered with other files or for an unknown
+    ``check_images``."""
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    if check_images not in LEVELS:
+        raise ValueError(f"check_images must be one of {tuple(LEVELS)}, got {check_images!r}")
     _check_coco_json(name, json_file, image_root)
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
-        if meta.get("json_file", None) == json_file and meta.get("image_root", None) == image_root:
-            return
-        raise ValueError(
-            f"Dataset '{name}' is already registered with other files; choose another name"
+        if meta.get("json_file", None) != json_file or meta.get("image_root", None) != image_root:
+            raise ValueError(
+                f"Dataset '{name}' is already registered with other files; choose another name"
+            )
+    else:
+        if check_now:
+            cats = _check_on_each_machine(name, json_file, image_root, check_images, check_workers)
+        else:
+            cats = _categories(name, json_file, image_root)
+        loader = functools.partial(
+            _load_checked, name, json_file, image_root, check_images, check_workers
         )
+        DatasetCatalog.register(name, loader)
+        MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="coco",
+            thing_classes=[n for _, n in cats],
+        )
+        return
+    if check_now:
+        _check_on_each_machine(name, json_file, image_root, check_images, check_workers)
+
+
+def _categories(name: str, json_file: str, image_root: str):
+    """[[id, name], ...] of the json (from the check cache while the json is unchanged)."""
+    from . import check_cache
+
+    entry = check_cache.load(json_file, image_root)
+    if entry is not None and tuple(entry["json"]) == check_cache.file_signature(json_file):
+        return entry["summary"]["categories"]
+    return categories_of(load_coco_json_text(name, json_file), name, json_file)
+
+
+def _check_on_each_machine(name, json_file, image_root, level, num_workers):
+    """``check_coco_dataset`` in the first process of each machine, then (after a barrier,
+    from the cache) in the others; returns the categories."""
+    from detectron2.utils import comm
+
+    if comm.get_world_size() == 1:
+        return check_coco_dataset(
+            name, json_file, image_root, level=level, num_workers=num_workers
+        )["categories"]
     try:
-        with open(json_file) as f:
-            cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Dataset '{name}': {json_file} is not valid JSON ({e})") from e
-    if not cats:
-        raise ValueError(f"Dataset '{name}' ({json_file}): the file has no 'categories'")
-    DatasetCatalog.register(name, functools.partial(_load_checked, name, json_file, image_root))
-    MetadataCatalog.get(name).set(
-        json_file=json_file,
-        image_root=image_root,
-        evaluator_type="coco",
-        thing_classes=[c["name"] for c in cats],
-    )
+        first = comm.get_local_rank() == 0
+    except AssertionError:  # a process group without detectron2's local groups
+        first = comm.get_rank() == 0
+    if first:
+        check_coco_dataset(name, json_file, image_root, level=level, num_workers=num_workers)
+    comm.synchronize()
+    return check_coco_dataset(name, json_file, image_root, level=level, num_workers=num_workers)[
+        "categories"
+    ]
 
 
 def register_from_config(cfg) -> None:
     """Register the embedded dataset (at DATASETS.EMBEDDED_ROOT) and every
     DATASETS.COCO_JSON entry (``[name, json_file, image_root]``, checked by
-    ``eapm.validate_config``)."""
+    ``eapm.validate_config``). The COCO-json datasets this run uses (named in
+    DATASETS.TRAIN or DATASETS.TEST) are checked now (``register_coco_json``'s
+    ``check_now``, at level DATASETS.CHECK_IMAGES in DATASETS.CHECK_WORKERS threads), so a
+    bad one fails before the model is built; a training set without any (non-crowd)
+    annotation fails too while DATALOADER.FILTER_EMPTY_ANNOTATIONS is on.
+
+    Raises ``DatasetError`` / ``DatasetFileNotFoundError`` naming the dataset, file and id."""
     register_embedded(cfg.DATASETS.EMBEDDED_ROOT or None)
+    level = cfg.DATASETS.get("CHECK_IMAGES", "decode")
+    workers = cfg.DATASETS.get("CHECK_WORKERS", 0)
+    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
     for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
-        register_coco_json(name, json_file, image_root)
+        register_coco_json(
+            name,
+            json_file,
+            image_root,
+            check_images=level,
+            check_workers=workers,
+            check_now=name in used,
+        )
+    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
+        if name in cfg.DATASETS.TRAIN and filter_empty:
+            summary = check_coco_dataset(
+                name, json_file, image_root, level=level, num_workers=workers
+            )
+            if summary["trainable_annotations"] == 0:
+                raise DatasetError(
+                    f"Dataset '{name}' ({os.path.abspath(json_file)}): no annotation (other "
+                    "than iscrowd), so nothing to train on (DATASETS.TRAIN; "
+                    "DATALOADER.FILTER_EMPTY_ANNOTATIONS would drop every image)"
+                )
