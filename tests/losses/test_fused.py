@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eapm import losses
+from eapm.losses import runtime
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_eager_chunks_equal_one_pass(monkeypatch):
     want = _run(x, t, p, q)
     want_terms = losses.eapm_focal_terms(x, t, 1.5)
     want_bl1 = losses.eapm_balanced_l1_loss(p, q, 1.0, beta=0.11)
-    monkeypatch.setattr(losses, "_EAGER_CHUNK", 1000)  # logits: 24 chunks; deltas: 1000 + 200
+    monkeypatch.setattr(runtime, "_EAGER_CHUNK", 1000)  # logits: 24 chunks; deltas: 1000 + 200
     calls = []
     orig = losses._EAGER_KERNELS["_focal_sum"]
     monkeypatch.setitem(
@@ -159,7 +160,7 @@ def test_eager_chunks_equal_one_pass(monkeypatch):
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(losses, "_EAGER_CHUNK", 1100)  # 21 full chunks + one of 900
+    monkeypatch.setattr(runtime, "_EAGER_CHUNK", 1100)  # 21 full chunks + one of 900
     for a, b in zip(losses.eapm_focal_terms(x, t, 1.5), want_terms):
         assert a.shape == b.shape == x.shape
         # elementwise, but not bit-identical: torch's vectorised and scalar (tail) loops
@@ -172,7 +173,7 @@ def test_eager_chunks_equal_one_pass(monkeypatch):
 def test_eager_chunks_only_on_cpu(monkeypatch):
     """On a GPU the kernels run in one piece (the caching allocator makes chunks useless,
     and each chunk would be ~40 kernel launches); 'meta' tensors stand in for a device."""
-    monkeypatch.setattr(losses, "_EAGER_CHUNK", 100)
+    monkeypatch.setattr(runtime, "_EAGER_CHUNK", 100)
     shapes = []
 
     def kernel(x, t, k):

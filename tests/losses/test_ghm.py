@@ -13,7 +13,6 @@ from eapm.utils.testing import HostSyncCounter, make_batch, tiny_cfg
 from tests.helpers import REPO
 
 
-
 # ----------------------------------------------------------------------------
 # the reference: mmdetection's rule written out element by element in float64
 # ----------------------------------------------------------------------------
