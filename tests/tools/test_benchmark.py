@@ -1,14 +1,40 @@
-"""The benchmark tool's harness (eapm.utils.benchmark: interleaved rounds, ratios of
-medians, per-round ratios and their quantiles, the printed reports) on a fake clock against
-hand-computed values."""
+"""The benchmark tool (tools/benchmark.py): its harness (eapm.utils.benchmark: interleaved
+rounds, ratios of medians, per-round ratios and their quantiles, the printed reports) on a
+fake clock against hand-computed values, its command line, and smoke runs of its sections
+on tiny inputs. No timing is asserted: the ratios of real runs are only checked to be
+printed, finite and positive."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from eapm.utils.benchmark import Reporter, interleaved, quantile, ratio_stats
+from tests.helpers import REPO
+
+TOOL = os.path.join(REPO, "tools", "benchmark.py")
+RATIO = re.compile(r"^  ratio (.+?): (\S+)x")
+
+
+def run_benchmark(tmp_path, *args, timeout=600):
+    """Runs tools/benchmark.py on the CPU (one thread: the smoke test checks that it runs,
+    and on a busy machine two OpenMP threads per process wait on each other): its stdout,
+    its --json reports, [(label, value) of every printed "ratio" line]."""
+    out_json = str(tmp_path / "bench.json")
+    cmd = [sys.executable, TOOL, "--device", "cpu", *args, "--json", out_json]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    matches = [RATIO.match(line) for line in proc.stdout.splitlines()]
+    ratios = [(m.group(1), float(m.group(2))) for m in matches if m]
+    with open(out_json) as f:
+        return proc.stdout, json.load(f), ratios
 
 
 # ----------------------------------------------------------------------------
@@ -136,3 +162,83 @@ def test_reporter_values_prints_ratios_notes_values(capsys):
         "unit": "MiB",
     }
     assert math.isnan(rep.values("z", {"ref": 0.0, "y": 1.0}, "ref", "GiB")["y"])  # no 0 / 0 error
+
+
+# ----------------------------------------------------------------------------
+# the command line and the sections
+# ----------------------------------------------------------------------------
+SECTION_NAMES = ("focal", "box", "step", "sampler", "bfp", "ghm", "resume", "recipe", "train")
+
+
+def test_benchmark_help_lists_the_sections_in_run_order():
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--help"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epilog = proc.stdout.split("Sections (--only; default: all but train on cpu, all on cuda):\n")
+    assert len(epilog) == 2, proc.stdout
+    entries = [line.split()[0] for line in epilog[1].splitlines() if re.match(r"  \w", line)]
+    assert entries == list(SECTION_NAMES)
+    assert "  focal    EAPM focal loss fwd+bwd vs fvcore's sigmoid_focal_loss_jit" in epilog[1]
+    assert "in this order: focal box step sampler" in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_train_on_cpu(tmp_path):
+    """The GPU check (section train) runs end to end on tiny CPU images with bfloat16
+    autocast, so that a lent GPU's minutes are not spent on a script error: the three
+    variants train with finite losses (the tool raises otherwise), the ratios are printed."""
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "train", "--batch", "1", "--height", "64", "--width", "64",
+        "--repeats", "2", "--warmup", "1",
+    )  # fmt: skip
+    (title,) = reports
+    assert title.startswith("[train] training step, RetinaNet R-50-FPN, 1 x 64x64")
+    base = "RetinaNet (detectron2 losses)"
+    names = [f"RetinaNet + EAPM mu 1.5 ({kind})" for kind in ("compiled", "eager")]
+    assert sorted(reports[title]["ratios"]) == names
+    assert sorted(label for label, _ in ratios) == [f"{n} / {base}" for n in names]
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    assert all(math.isfinite(t) and t > 0 for t in reports[title]["median_s"].values())
+    losses = [line for line in stdout.splitlines() if line.startswith("  loss (last step) ")]
+    assert len(losses) == 3 and all(math.isfinite(float(x.rsplit(": ", 1)[1])) for x in losses)
+    assert "_focal_sum: compiled" in stdout or "_focal_sum: failed (eager)" in stdout
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_loss_and_sampler_sections_on_cpu(tmp_path):
+    """Sections focal, box and sampler run (2 timed rounds; the sampler 40) and print
+    finite, positive ratios for every comparison."""
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "focal", "box", "sampler", "--repeats", "2", "--warmup", "1"
+    )
+    sections = [t.split("]")[0] + "]" for t in reports]
+    assert sections == ["[focal]", "[focal]", "[box]", "[sampler]", "[sampler]"], list(reports)
+    labels = [label for label, _ in ratios]
+    assert len(labels) == 2 * 2 + 2 + 1 + 1, ratios  # focal at 2 sizes, box, sampler 2 ways
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    assert labels.count("eapm focal (compiled) / d2 fvcore sigmoid_focal_loss_jit") == 2
+    assert "eapm balanced L1 (eager) / d2 smooth_l1_loss" in labels
+    assert "sampled negatives per IoU bin" in stdout
+
+
+def test_benchmark_smoke_ghm_section_on_cpu(tmp_path):
+    """Section ghm runs on tiny logits: finite ratios of GHM-C and the per-bin loop to
+    fvcore's focal loss, and the host synchronisations per call: none for GHMC / GHMR,
+    one per bin and more for mmdetection's loop (the counter counts)."""
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "ghm", "--ghm-anchors", "400", "--repeats", "2", "--warmup", "1"
+    )
+    assert list(reports) == [
+        "[ghm] GHM-C fwd+bwd, 400 x 80, cpu",
+        "[ghm] host synchronisations per call",
+    ]
+    assert sorted(label for label, _ in ratios) == [
+        "GHM-C per-bin loop / d2 fvcore sigmoid_focal_loss_jit",
+        "eapm GHMC / d2 fvcore sigmoid_focal_loss_jit",
+    ]
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    syncs = reports["[ghm] host synchronisations per call"]["syncs"]
+    assert syncs["eapm GHMC"] == 0 and syncs["eapm GHMR"] == 0
+    assert syncs["GHM-C per-bin loop"] > 30
+    assert "  syncs eapm GHMC: 0" in stdout

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -489,100 +488,3 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
     assert "on eapm_shapes_val" in text and "| retinanet | 4 | — |" in text
     summary = json.loads((tmp_path / "ablation.json").read_text())
     assert summary["variants"]["eapm_mu1.5"]["delta_AP"] == {"mean": 1.0, "std": 0.5, "n": 3}
-
-
-# ----------------------------------------------------------------------------
-# benchmark
-# ----------------------------------------------------------------------------
-RATIO = re.compile(r"^  ratio (.+?): (\S+)x")
-
-
-def run_benchmark(tmp_path, *args, timeout=600):
-    """Runs tools/benchmark.py on the CPU (one thread: the smoke test checks that it runs,
-    and on a busy machine two OpenMP threads per process wait on each other): its stdout,
-    its --json reports, [(label, value) of every printed "ratio" line]."""
-    out_json = str(tmp_path / "bench.json")
-    tool = os.path.join(TOOLS, "benchmark.py")
-    cmd = [sys.executable, tool, "--device", "cpu", *args, "--json", out_json]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    matches = [RATIO.match(line) for line in proc.stdout.splitlines()]
-    ratios = [(m.group(1), float(m.group(2))) for m in matches if m]
-    with open(out_json) as f:
-        return proc.stdout, json.load(f), ratios
-
-
-def test_benchmark_interleaved_and_report(capsys):
-    tool = load_tool("benchmark")
-    calls = []
-    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
-    times = tool.interleaved(fns, repeats=3, warmup=1)
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # the order rotates
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
-    ratios = tool.report("t", {"ref": [1.0] * 5, "x": [2.0, 2.0, 4.0, 2.0, 2.0]}, "ref")
-    out = capsys.readouterr().out
-    assert ratios == {"x": 2.0} and "ratio x / ref: 2.000x" in out and "below 1 in 0 of 5" in out
-    assert out.index("ratio x / ref") < out.index("1000.000 ms")  # ratios first
-    assert tool.report_values("m", {"ref": 4.0, "y": 1.0}, "ref", "MiB") == {"y": 0.25}
-
-
-@pytest.mark.slow
-def test_benchmark_smoke_train_on_cpu(tmp_path):
-    """The GPU check (section train) runs end to end on tiny CPU images with bfloat16
-    autocast, so that a lent GPU's minutes are not spent on a script error: the three
-    variants train with finite losses (the tool raises otherwise), the ratios are printed."""
-    stdout, reports, ratios = run_benchmark(
-        tmp_path, "--only", "train", "--batch", "1", "--height", "64", "--width", "64",
-        "--repeats", "2", "--warmup", "1",
-    )  # fmt: skip
-    (title,) = reports
-    assert title.startswith("[train] training step, RetinaNet R-50-FPN, 1 x 64x64")
-    base = "RetinaNet (detectron2 losses)"
-    names = [f"RetinaNet + EAPM mu 1.5 ({kind})" for kind in ("compiled", "eager")]
-    assert sorted(reports[title]["ratios"]) == names
-    assert sorted(label for label, _ in ratios) == [f"{n} / {base}" for n in names]
-    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
-    assert all(math.isfinite(t) and t > 0 for t in reports[title]["median_s"].values())
-    losses = [line for line in stdout.splitlines() if line.startswith("  loss (last step) ")]
-    assert len(losses) == 3 and all(math.isfinite(float(x.rsplit(": ", 1)[1])) for x in losses)
-    assert "_focal_sum: compiled" in stdout or "_focal_sum: failed (eager)" in stdout
-
-
-@pytest.mark.slow
-def test_benchmark_smoke_loss_and_sampler_sections_on_cpu(tmp_path):
-    """Sections focal, box and sampler run (2 timed rounds; the sampler 40) and print
-    finite, positive ratios for every comparison."""
-    stdout, reports, ratios = run_benchmark(
-        tmp_path, "--only", "focal", "box", "sampler", "--repeats", "2", "--warmup", "1"
-    )
-    sections = [t.split("]")[0] + "]" for t in reports]
-    assert sections == ["[focal]", "[focal]", "[box]", "[sampler]", "[sampler]"], list(reports)
-    labels = [label for label, _ in ratios]
-    assert len(labels) == 2 * 2 + 2 + 1 + 1, ratios  # focal at 2 sizes, box, sampler 2 ways
-    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
-    assert labels.count("eapm focal (compiled) / d2 fvcore sigmoid_focal_loss_jit") == 2
-    assert "eapm balanced L1 (eager) / d2 smooth_l1_loss" in labels
-    assert "sampled negatives per IoU bin" in stdout
-
-
-def test_benchmark_smoke_ghm_section_on_cpu(tmp_path):
-    """Section ghm runs on tiny logits: finite ratios of GHM-C and the per-bin loop to
-    fvcore's focal loss, and the host synchronisations per call: none for GHMC / GHMR,
-    one per bin and more for mmdetection's loop (the counter counts)."""
-    stdout, reports, ratios = run_benchmark(
-        tmp_path, "--only", "ghm", "--ghm-anchors", "400", "--repeats", "2", "--warmup", "1"
-    )
-    assert list(reports) == [
-        "[ghm] GHM-C fwd+bwd, 400 x 80, cpu",
-        "[ghm] host synchronisations per call",
-    ]
-    assert sorted(label for label, _ in ratios) == [
-        "GHM-C per-bin loop / d2 fvcore sigmoid_focal_loss_jit",
-        "eapm GHMC / d2 fvcore sigmoid_focal_loss_jit",
-    ]
-    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
-    syncs = reports["[ghm] host synchronisations per call"]["syncs"]
-    assert syncs["eapm GHMC"] == 0 and syncs["eapm GHMR"] == 0
-    assert syncs["GHM-C per-bin loop"] > 30
-    assert "  syncs eapm GHMC: 0" in stdout
