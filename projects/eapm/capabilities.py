@@ -1,14 +1,52 @@
-"""What a detectron2 component can honour, declared by its class.
+"""What a detectron2 component can honour and which config rules it owns, declared by its
+class (this module imports nothing of the package: the models import it, the config
+validation asks it).
 
-The config validation (``eapm.config.validate_config``) asks the *registered class*
+The config validation (``eapm.validation.validate_config``) asks the *registered class*
 (``issubclass``), never its name, whether it honours an EAPM switch, so a user's own
 subclass of an EAPM model inherits its capabilities, and a class that cannot honour a
 switched-on key is rejected with a ``ValueError`` naming the key.
+
+One owner per rule: a rule about a value is written once, as a function of the module that
+uses the value (``eapm.modeling``). The constructor applies it to its argument; the class
+declares it here for its config key (``DeclaresConfigChecks.config_checks``, the
+``check_*`` classmethods of the mixins) and the validation applies the same function to the
+key when the config is loaded, re-raising its ``ValueError`` as
+``Invalid config KEY = VALUE: <the function's message>``.
 """
 
 from __future__ import annotations
 
-__all__ = ["SupportsEAPMFocal", "SupportsEAPMBalancedL1", "SupportsGHM"]
+from typing import Any, Callable, Dict
+
+__all__ = [
+    "ConfigCheck",
+    "DeclaresConfigChecks",
+    "SupportsEAPMFocal",
+    "SupportsEAPMBalancedL1",
+    "SupportsGHM",
+    "DenseHeadNorm",
+]
+
+# check(value) -> anything; raises ValueError (its message need not name the key)
+ConfigCheck = Callable[[Any], Any]
+
+
+class DeclaresConfigChecks:
+    """Mixin of the classes whose ``from_config`` reads config keys.
+
+    ``config_checks()`` maps each key whose value has a rule to the function that owns the
+    rule: the function the constructor applies to the argument made from the key, or, for a
+    key only ``from_config`` reads (a switch, the size of a sub-module), the rule it relies on.
+    The validation runs the checks of every *registered* class that declares them, whatever
+    the config chooses (a key's value must suit each class that reads it), once per distinct
+    ``(key, check)`` pair, so equal checks inherited or shared by several classes run once.
+    A backbone builder function declares the same as an attribute ``config_checks``.
+    """
+
+    @classmethod
+    def config_checks(cls) -> Dict[str, ConfigCheck]:
+        return {}
 
 
 class SupportsEAPMFocal:
@@ -41,3 +79,29 @@ class SupportsGHM:
     """Mixin of the dense meta-architectures whose losses can be GHM-C (classification,
     ``MODEL.GHM.CLS.*``) and GHM-R (the box loss type ``"ghm_r"``, ``MODEL.GHM.REG.*``),
     with ``MODEL.GHM.ALL_REDUCE`` and ``MODEL.GHM.PER_LEVEL``."""
+
+    @classmethod
+    def check_ghm_cls(cls, ghm_cls: bool, eapm_cls_mu: float) -> None:
+        """Raise ``ValueError`` if GHM-C (``ghm_cls`` True) is asked together with EAPM focal
+        loss (``eapm_cls_mu > 0``): GHM-C replaces the focal loss that EAPM modulates."""
+        if ghm_cls and eapm_cls_mu > 0:
+            raise ValueError(
+                "GHM-C (ghm_cls, MODEL.GHM.CLS.ENABLED) replaces the focal loss that EAPM "
+                "modulates: it needs eapm_cls_mu 0 (MODEL.EAPM.CLS.ENABLED False), got "
+                f"{eapm_cls_mu}"
+            )
+
+
+class DenseHeadNorm:
+    """Mixin of the dense meta-architectures whose head normalisation is a config key.
+
+    ``head_norm_key`` is that key ("BN" there needs 2 images per process: the training
+    checks ask for it); ``check_head_norm(norm, channels)`` raises ``ValueError`` if the head
+    cannot use ``norm`` on features of ``channels`` channels (``MODEL.FPN.OUT_CHANNELS``);
+    by default it accepts every norm."""
+
+    head_norm_key: str = ""
+
+    @classmethod
+    def check_head_norm(cls, norm: str, channels: int) -> None:
+        return None

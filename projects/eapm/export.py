@@ -63,7 +63,7 @@ def load_model(config_file: str, opts: Sequence[str] = ()) -> Tuple[torch.nn.Mod
     else:
         from detectron2.modeling import build_model
 
-        from .config import load_config
+        from .validation import load_config
 
         cfg = load_config(config_file, list(opts), training=False)
         cfg.MODEL.DEVICE = "cpu"

@@ -41,6 +41,6 @@ def get_config(config_path: str, opts=()):
         from .lazy import load_lazy_config
 
         return load_lazy_config(path, opts)
-    from .config import load_config
+    from .validation import load_config
 
     return load_config(path, list(opts), training=False)

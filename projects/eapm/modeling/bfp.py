@@ -25,9 +25,11 @@ Registered builders (``MODEL.BACKBONE.NAME``):
 * ``build_resnet_fpn_bfp_backbone``: detectron2's R-CNN FPN (P2-P6) + BFP;
 * ``build_retinanet_resnet_fpn_bfp_backbone``: RetinaNet's FPN (P3-P7) + BFP.
 
-Both read ``MODEL.BFP.{ENABLED, REFINE_LEVEL, REFINE_TYPE}`` (through
-``eapm.config.eapm_kwargs``); with ``ENABLED: False`` they return the plain FPN (an
-ablation switch). ``add_bfp(cfg, fpn)`` wraps any other FPN-like backbone.
+Both read ``MODEL.BFP.{ENABLED, REFINE_LEVEL, REFINE_TYPE}`` (``add_bfp``); with
+``ENABLED: False`` they return the plain FPN (an ablation switch). ``add_bfp(cfg, fpn)``
+wraps any other FPN-like backbone. The builders carry two attributes the config validation
+asks for: ``reads_bfp_config`` (True: MODEL.BFP.ENABLED is honoured) and ``config_checks``
+(the rules of the MODEL.BFP keys, see ``eapm.capabilities.DeclaresConfigChecks``).
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ from detectron2.modeling.backbone.fpn import (
 )
 from torch import nn
 
-from ..config import eapm_kwargs
+from .keys import IntAtLeast
 
 __all__ = [
     "check_refine_type",
+    "bfp_config_checks",
     "NonLocalBlock2d",
     "BalancedFeaturePyramid",
     "add_bfp",
@@ -214,19 +217,30 @@ class BalancedFeaturePyramid(Backbone):
 
 
 def add_bfp(cfg, fpn: Backbone) -> Backbone:
-    """``fpn`` wrapped in a BFP configured by MODEL.BFP.*, or ``fpn`` itself when
-    MODEL.BFP.ENABLED is false."""
-    kwargs = eapm_kwargs(cfg)["BalancedFeaturePyramid"]
-    if kwargs is None:
+    """``fpn`` wrapped in a BFP configured by MODEL.BFP.* (REFINE_LEVEL, REFINE_TYPE), or
+    ``fpn`` itself when MODEL.BFP.ENABLED is false."""
+    b = cfg.MODEL.BFP
+    if not b.ENABLED:
         logging.getLogger(__name__).info("MODEL.BFP.ENABLED is False: plain FPN, no BFP")
         return fpn
-    return BalancedFeaturePyramid(fpn, **kwargs)
+    return BalancedFeaturePyramid(fpn, refine_level=int(b.REFINE_LEVEL), refine_type=b.REFINE_TYPE)
+
+
+def bfp_config_checks():
+    """The rules of the MODEL.BFP keys (``BalancedFeaturePyramid`` checks the refine level
+    against the FPN's levels when built)."""
+    return {
+        "MODEL.BFP.REFINE_TYPE": check_refine_type,
+        "MODEL.BFP.REFINE_LEVEL": IntAtLeast("refine_level", 0),
+    }
 
 
 def _reads_bfp_config(builder):
     """Marks a backbone builder that honours MODEL.BFP.* (the config validation asks the
-    registered builder for this attribute before MODEL.BFP.ENABLED is accepted)."""
+    registered builder for ``reads_bfp_config`` before MODEL.BFP.ENABLED is accepted, and
+    runs its ``config_checks``)."""
     builder.reads_bfp_config = True
+    builder.config_checks = bfp_config_checks
     return builder
 
 

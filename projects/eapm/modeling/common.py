@@ -13,7 +13,6 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit
 
-from ..config import LOSS_NORMALIZERS
 from ..losses import (
     difficulty,
     eapm_balanced_l1_loss,
@@ -23,18 +22,10 @@ from ..losses import (
 )
 
 __all__ = [
-    "check_loss_normalizer",
     "dense_loss_normalizer",
     "dense_focal_loss_sum",
     "box_reg_balanced_l1",
 ]
-
-
-def check_loss_normalizer(mode: str) -> str:
-    """``mode`` if it is one of ``LOSS_NORMALIZERS``, else ``ValueError``."""
-    if mode not in LOSS_NORMALIZERS:
-        raise ValueError(f"loss_normalizer must be one of {LOSS_NORMALIZERS}, got {mode!r}")
-    return mode
 
 
 def dense_loss_normalizer(model, num_pos: int, mode: str, initial: float = 100.0) -> float:

@@ -15,6 +15,8 @@ detectron2's FCOS LazyConfig), unlike RetinaNet's builder which takes them from 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -25,17 +27,54 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
 
-from ..capabilities import SupportsEAPMFocal
-from ..config import FCOS_BOX_LOSSES, eapm_kwargs
-from ..losses import check_eapm_param
+from ..capabilities import DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal
 from ..upstream import adapted_from
 from .backbone import fpn_from_config
-from .common import check_loss_normalizer, dense_focal_loss_sum, dense_loss_normalizer
+from .common import dense_focal_loss_sum, dense_loss_normalizer
+from .keys import (
+    EAPM_CLS_CHECKS,
+    KERNEL_CHECKS,
+    LOSS_NORMALIZER_CHECKS,
+    IntAtLeast,
+    NonEmptyList,
+    NumberIn,
+    OneOf,
+    check_eapm_cls_mu,
+    check_histogram_period,
+    check_loss_normalizer,
+    eapm_cls_mu_from_config,
+    kernel_args_from_config,
+)
 
-__all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone"]
+__all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone", "FCOS_BOX_LOSSES"]
 
 # detectron2's FCOS initialises its (single, shared) EMA loss normaliser at 300
 FCOS_NORMALIZER_INITIAL = 300
+# regression losses FCOS accepts (on decoded boxes; detectron2's FCOS uses giou)
+FCOS_BOX_LOSSES = ("giou", "diou", "ciou")
+check_fcos_box_loss = OneOf("box_loss_type", FCOS_BOX_LOSSES)
+# the head towers' norms accepted (names detectron2's get_norm knows)
+FCOS_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN", "LN")
+
+# MODEL.FCOS.*: the constructor checks box_loss_type (above); detectron2's FCOS and FCOSHead
+# check none of the others, so these rules are applied where the config is loaded
+FCOS_KEY_CHECKS = {
+    "MODEL.FCOS.BOX_LOSS_TYPE": check_fcos_box_loss,
+    "MODEL.FCOS.NUM_CLASSES": IntAtLeast("num_classes", 1),
+    "MODEL.FCOS.NUM_CONVS": IntAtLeast("num_convs", 1),
+    "MODEL.FCOS.TOPK_CANDIDATES_TEST": IntAtLeast("test_topk_candidates", 1),
+    "MODEL.FCOS.IN_FEATURES": NonEmptyList("head_in_features"),
+    "MODEL.FCOS.CENTER_SAMPLING_RADIUS": NumberIn(
+        "center_sampling_radius", 0, math.inf, True, True
+    ),
+    "MODEL.FCOS.PRIOR_PROB": NumberIn("prior_prob", 0, 1, True, True),
+    "MODEL.FCOS.SCORE_THRESH_TEST": NumberIn("test_score_thresh", 0, 1, False, True),
+    "MODEL.FCOS.NMS_THRESH_TEST": NumberIn("test_nms_thresh", 0, 1, True, False),
+    # < 0 disables the alpha weighting (as fvcore)
+    "MODEL.FCOS.FOCAL_LOSS_ALPHA": NumberIn("focal_loss_alpha", -math.inf, 1, True, False),
+    "MODEL.FCOS.FOCAL_LOSS_GAMMA": NumberIn("focal_loss_gamma", 0, math.inf, False, True),
+    "MODEL.FCOS.HEAD_NORM": OneOf("norm", FCOS_HEAD_NORMS),
+}
 
 
 @BACKBONE_REGISTRY.register()
@@ -48,7 +87,7 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape):
 
 
 @META_ARCH_REGISTRY.register()
-class EAPMFCOS(SupportsEAPMFocal, FCOS):
+class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
     """detectron2's FCOS whose classification loss can be EAPM focal loss.
 
     Extra args (besides FCOS's), checked here (``ValueError``):
@@ -57,9 +96,17 @@ class EAPMFCOS(SupportsEAPMFocal, FCOS):
         loss_normalizer: "ema" (detectron2: one EMA of the positive count, initial 300,
             shared by the three losses) or "all_reduce" (mmdetection: this iteration's
             positive count averaged over all processes).
-        histogram_period: log histograms of Dif / MF every this many iterations.
+        histogram_period: log histograms of Dif / MF every this many iterations (>= 0).
         compile_kernels: run this model's EAPM loss kernels through ``torch.compile``.
+
+    ``from_config`` reads ``MODEL.FCOS.*`` (building the backbone and detectron2's
+    ``FCOSHead``), ``MODEL.EAPM.CLS.*``, ``MODEL.EAPM.HISTOGRAM_PERIOD`` / ``COMPILE`` and
+    ``MODEL.LOSS_NORMALIZER.TYPE``; ``config_checks()`` names the rule of each.
+    ``check_head_norm``: a GN head needs ``MODEL.FPN.OUT_CHANNELS`` a multiple of 32 and
+    >= 64 (checked where the config is loaded).
     """
+
+    head_norm_key = "MODEL.FCOS.HEAD_NORM"
 
     @configurable
     def __init__(
@@ -73,19 +120,28 @@ class EAPMFCOS(SupportsEAPMFocal, FCOS):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if box_loss_type not in FCOS_BOX_LOSSES:
-            raise ValueError(
-                f"box_loss_type must be one of {FCOS_BOX_LOSSES}, got {box_loss_type!r}"
-            )
-        self.eapm_cls_mu = check_eapm_param(eapm_cls_mu, "eapm_cls_mu")
-        self.box_loss_type = box_loss_type
+        self.box_loss_type = check_fcos_box_loss(box_loss_type)
+        self.eapm_cls_mu = check_eapm_cls_mu(eapm_cls_mu)
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
-        self.histogram_period = int(histogram_period)
+        self.histogram_period = check_histogram_period(histogram_period)
         self.compile_kernels = bool(compile_kernels)
 
     @classmethod
+    def config_checks(cls):
+        return {**EAPM_CLS_CHECKS, **KERNEL_CHECKS, **LOSS_NORMALIZER_CHECKS, **FCOS_KEY_CHECKS}
+
+    @classmethod
+    def check_head_norm(cls, norm: str, channels: int) -> None:
+        """GroupNorm's 32 groups need at least 2 channels each (``ValueError``)."""
+        if norm == "GN" and not (channels % 32 == 0 and channels >= 64):
+            raise ValueError(
+                f"'GN' (32 groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= 64, got "
+                f"{channels} (with 32 channels each group holds one channel, which fails on the "
+                "1x1 P7 maps of small images); use HEAD_NORM ''"
+            )
+
+    @classmethod
     def from_config(cls, cfg):
-        kwargs = eapm_kwargs(cfg)["EAPMFCOS"]
         fc = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
@@ -111,7 +167,17 @@ class EAPMFCOS(SupportsEAPMFocal, FCOS):
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            **kwargs,
+            "num_classes": fc.NUM_CLASSES,
+            "center_sampling_radius": fc.CENTER_SAMPLING_RADIUS,
+            "focal_loss_alpha": fc.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": fc.FOCAL_LOSS_GAMMA,
+            "test_score_thresh": fc.SCORE_THRESH_TEST,
+            "test_topk_candidates": fc.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": fc.NMS_THRESH_TEST,
+            "box_loss_type": fc.BOX_LOSS_TYPE,
+            "eapm_cls_mu": eapm_cls_mu_from_config(cfg),
+            "loss_normalizer": cfg.MODEL.LOSS_NORMALIZER.TYPE,
+            **kernel_args_from_config(cfg),
         }
 
     @adapted_from(

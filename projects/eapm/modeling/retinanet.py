@@ -18,26 +18,77 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import get_event_storage
 
-from ..capabilities import SupportsEAPMBalancedL1, SupportsEAPMFocal, SupportsGHM
-from ..config import eapm_kwargs
-from ..losses import GHMC, GHMR, check_balanced_l1_params, check_eapm_param, check_ghm_params
+from ..capabilities import (
+    DeclaresConfigChecks,
+    DenseHeadNorm,
+    SupportsEAPMBalancedL1,
+    SupportsEAPMFocal,
+    SupportsGHM,
+)
+from ..losses import GHMC, GHMR, check_balanced_l1_params, check_ghm_params
 from ..upstream import adapted_from
-from .common import (
-    box_reg_balanced_l1,
+from .common import box_reg_balanced_l1, dense_focal_loss_sum, dense_loss_normalizer
+from .keys import (
+    BALANCED_L1_CHECKS,
+    BOX_REG_LOSSES,
+    EAPM_CLS_CHECKS,
+    EAPM_REG_CHECKS,
+    KERNEL_CHECKS,
+    LOSS_NORMALIZER_CHECKS,
+    ArgOf,
+    IsBool,
+    OneOf,
+    balanced_l1_from_config,
+    check_eapm_cls_mu,
+    check_eapm_reg_theta,
+    check_histogram_period,
     check_loss_normalizer,
-    dense_focal_loss_sum,
-    dense_loss_normalizer,
+    eapm_cls_mu_from_config,
+    eapm_reg_theta_from_config,
+    kernel_args_from_config,
 )
 
-__all__ = ["EAPMRetinaNet"]
+__all__ = ["EAPMRetinaNet", "RETINANET_BOX_REG_LOSSES"]
+
+# RetinaNet's box losses: detectron2's four, balanced L1 and GHM-R (classes with SupportsGHM)
+RETINANET_BOX_REG_LOSSES = BOX_REG_LOSSES + ("ghm_r",)
+check_retinanet_box_loss = OneOf("box_reg_loss_type", RETINANET_BOX_REG_LOSSES)
+
+# MODEL.GHM.*: GHM-C's and GHM-R's parameters (eapm.losses owns their rules) and switches
+GHM_CHECKS = {
+    **{
+        f"MODEL.GHM.CLS.{key}": ArgOf(check_ghm_params, arg)
+        for key, arg in (("BINS", "bins"), ("MOMENTUM", "momentum"), ("LOSS_WEIGHT", "loss_weight"))
+    },
+    **{
+        f"MODEL.GHM.REG.{key}": ArgOf(check_ghm_params, arg)
+        for key, arg in (
+            ("BINS", "bins"),
+            ("MOMENTUM", "momentum"),
+            ("LOSS_WEIGHT", "loss_weight"),
+            ("MU", "mu"),
+        )
+    },
+    "MODEL.GHM.CLS.ENABLED": IsBool("ghm_cls"),
+    "MODEL.GHM.ALL_REDUCE": IsBool("ghm_all_reduce"),
+    "MODEL.GHM.PER_LEVEL": IsBool("ghm_per_level"),
+}
 
 
 @META_ARCH_REGISTRY.register()
-class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, SupportsGHM, RetinaNet):
+class EAPMRetinaNet(
+    DeclaresConfigChecks,
+    DenseHeadNorm,
+    SupportsEAPMFocal,
+    SupportsEAPMBalancedL1,
+    SupportsGHM,
+    RetinaNet,
+):
     """RetinaNet whose classification loss can be EAPM focal loss or GHM-C and whose
     regression loss can be (EAPM) balanced L1 or GHM-R, besides detectron2's own choices.
 
-    Extra args (besides RetinaNet's), all checked here (``ValueError``):
+    Extra args (besides RetinaNet's), all checked here (``ValueError``), as is
+    ``box_reg_loss_type`` (one of ``RETINANET_BOX_REG_LOSSES``):
         eapm_cls_mu: mu >= 0 of EAPM focal loss; 0 = detectron2's focal loss.
         eapm_reg_theta: theta >= 0 of EAPM balanced L1; 0 = no modulation. > 0 needs
             ``box_reg_loss_type="balanced_l1"``.
@@ -61,9 +112,14 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, SupportsGHM, Reti
     The GHM losses are not divided by the positive-anchor normaliser (each is normalised
     by its own number of valid elements, as in mmdetection); the loss keys stay
     ``loss_cls`` / ``loss_box_reg``.
+
+    ``from_config`` reads ``MODEL.EAPM.*``, ``MODEL.BALANCED_L1.*``, ``MODEL.GHM.*`` and
+    ``MODEL.LOSS_NORMALIZER.TYPE`` besides RetinaNet's keys; ``config_checks()`` names the
+    rule of each (the constructor's own checks, see ``eapm.capabilities``).
     """
 
     box_loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
+    head_norm_key = "MODEL.RETINANET.NORM"
 
     @configurable
     def __init__(
@@ -84,26 +140,23 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, SupportsGHM, Reti
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.eapm_cls_mu = check_eapm_param(eapm_cls_mu, "eapm_cls_mu")
-        self.eapm_reg_theta = check_eapm_param(eapm_reg_theta, "eapm_reg_theta")
+        self.eapm_cls_mu = check_eapm_cls_mu(eapm_cls_mu)
+        self.eapm_reg_theta = check_eapm_reg_theta(eapm_reg_theta)
+        check_retinanet_box_loss(self.box_reg_loss_type)
         self.check_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
         check_balanced_l1_params(*balanced_l1)
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
-        self.histogram_period = int(histogram_period)
+        self.histogram_period = check_histogram_period(histogram_period)
         self.compile_kernels = bool(compile_kernels)
         check_ghm_params(loss_weight=ghm_cls_loss_weight)
         check_ghm_params(loss_weight=ghm_reg_loss_weight)
         self.ghm_cls_loss_weight = float(ghm_cls_loss_weight)
         self.ghm_reg_loss_weight = float(ghm_reg_loss_weight)
         self.ghm_per_level = bool(ghm_per_level)
+        self.check_ghm_cls(ghm_cls is not None, self.eapm_cls_mu)
         self.ghm_cls = None
         if ghm_cls is not None:
-            if self.eapm_cls_mu > 0:
-                raise ValueError(
-                    "ghm_cls (GHM-C) replaces the focal loss that EAPM modulates: it needs "
-                    f"eapm_cls_mu 0, got {self.eapm_cls_mu}"
-                )
             self.ghm_cls = GHMC(**ghm_cls, all_reduce=ghm_all_reduce)
         self.ghm_reg = None
         if self.box_reg_loss_type == "ghm_r":
@@ -112,8 +165,40 @@ class EAPMRetinaNet(SupportsEAPMFocal, SupportsEAPMBalancedL1, SupportsGHM, Reti
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret.update(eapm_kwargs(cfg)["EAPMRetinaNet"])
+        gh = cfg.MODEL.GHM
+        ret.update(
+            eapm_cls_mu=eapm_cls_mu_from_config(cfg),
+            eapm_reg_theta=eapm_reg_theta_from_config(cfg),
+            balanced_l1=balanced_l1_from_config(cfg),
+            loss_normalizer=cfg.MODEL.LOSS_NORMALIZER.TYPE,
+            # GHM-C only when enabled; GHM-R whenever the box loss type is "ghm_r"
+            ghm_cls=(
+                dict(bins=int(gh.CLS.BINS), momentum=float(gh.CLS.MOMENTUM))
+                if gh.CLS.ENABLED
+                else None
+            ),
+            ghm_cls_loss_weight=float(gh.CLS.LOSS_WEIGHT),
+            ghm_reg=dict(
+                mu=float(gh.REG.MU), bins=int(gh.REG.BINS), momentum=float(gh.REG.MOMENTUM)
+            ),
+            ghm_reg_loss_weight=float(gh.REG.LOSS_WEIGHT),
+            ghm_all_reduce=bool(gh.ALL_REDUCE),
+            ghm_per_level=bool(gh.PER_LEVEL),
+            **kernel_args_from_config(cfg),
+        )
         return ret
+
+    @classmethod
+    def config_checks(cls):
+        return {
+            **EAPM_CLS_CHECKS,
+            **EAPM_REG_CHECKS,
+            **KERNEL_CHECKS,
+            **BALANCED_L1_CHECKS,
+            **LOSS_NORMALIZER_CHECKS,
+            cls.box_loss_key: check_retinanet_box_loss,
+            **GHM_CHECKS,
+        }
 
     @adapted_from(
         RetinaNet.losses,

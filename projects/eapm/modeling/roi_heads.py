@@ -32,25 +32,46 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import ROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
-from ..capabilities import SupportsEAPMBalancedL1
-from ..config import eapm_kwargs
-from ..losses import check_balanced_l1_params, check_eapm_param
+from ..capabilities import DeclaresConfigChecks, SupportsEAPMBalancedL1
+from ..losses import check_balanced_l1_params
 from ..upstream import adapted_from
 from .common import box_reg_balanced_l1
+from .keys import (
+    BALANCED_L1_CHECKS,
+    BOX_REG_LOSSES,
+    EAPM_REG_CHECKS,
+    KERNEL_CHECKS,
+    IntAtLeast,
+    NumberIn,
+    OneOf,
+    balanced_l1_from_config,
+    check_eapm_reg_theta,
+    check_histogram_period,
+    eapm_reg_theta_from_config,
+    kernel_args_from_config,
+)
 from .sampling import instance_balanced_positives, iou_balanced_negatives, random_subset
 
 __all__ = ["EAPMFastRCNNOutputLayers", "LibraROIHeads", "MaxIoUMatcher"]
 
+check_box_reg_loss_type = OneOf("box_reg_loss_type", BOX_REG_LOSSES)
+check_iou_balanced_num_bins = IntAtLeast("iou_balanced_num_bins", 0)
+check_iou_balanced_floor_fraction = NumberIn("iou_balanced_floor_fraction", 0, 1)
 
-class EAPMFastRCNNOutputLayers(SupportsEAPMBalancedL1, FastRCNNOutputLayers):
+
+class EAPMFastRCNNOutputLayers(DeclaresConfigChecks, SupportsEAPMBalancedL1, FastRCNNOutputLayers):
     """``FastRCNNOutputLayers`` + the (EAPM) balanced L1 box regression loss.
 
-    Extra args, checked here (``ValueError``):
+    Extra args, checked here (``ValueError``), as is ``box_reg_loss_type`` (one of
+    ``BOX_REG_LOSSES``):
         eapm_reg_theta: theta >= 0 of EAPM; 0 = plain balanced L1. > 0 needs
             ``box_reg_loss_type="balanced_l1"``.
         balanced_l1: (alpha, gamma, beta) > 0; Libra R-CNN uses (0.5, 1.5, 1.0).
         histogram_period: log GoS / MF histograms every this many iterations (0 = never).
         compile_kernels: run the balanced L1 kernel through ``torch.compile``.
+
+    ``from_config`` reads ``MODEL.EAPM.REG.*``, ``MODEL.BALANCED_L1.*`` and
+    ``MODEL.EAPM.HISTOGRAM_PERIOD`` / ``COMPILE`` besides detectron2's keys.
     """
 
     box_loss_key = "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
@@ -67,20 +88,34 @@ class EAPMFastRCNNOutputLayers(SupportsEAPMBalancedL1, FastRCNNOutputLayers):
         **kwargs,
     ):
         super().__init__(input_shape, **kwargs)
-        self.eapm_reg_theta = check_eapm_param(eapm_reg_theta, "eapm_reg_theta")
+        self.eapm_reg_theta = check_eapm_reg_theta(eapm_reg_theta)
+        check_box_reg_loss_type(self.box_reg_loss_type)
         self.check_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
         if self.box_reg_loss_type == "balanced_l1" and len(self.box2box_transform.weights) != 4:
             raise ValueError("the balanced L1 box loss supports axis-aligned boxes (4 deltas) only")
         check_balanced_l1_params(*balanced_l1)
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
-        self.histogram_period = int(histogram_period)
+        self.histogram_period = check_histogram_period(histogram_period)
         self.compile_kernels = bool(compile_kernels)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret.update(eapm_kwargs(cfg)["EAPMFastRCNNOutputLayers"])
+        ret.update(
+            eapm_reg_theta=eapm_reg_theta_from_config(cfg),
+            balanced_l1=balanced_l1_from_config(cfg),
+            **kernel_args_from_config(cfg),
+        )
         return ret
+
+    @classmethod
+    def config_checks(cls):
+        return {
+            **EAPM_REG_CHECKS,
+            **KERNEL_CHECKS,
+            **BALANCED_L1_CHECKS,
+            cls.box_loss_key: check_box_reg_loss_type,
+        }
 
     def box_reg_loss(self, proposal_boxes, gt_boxes, pred_deltas, gt_classes):
         """(EAPM) balanced L1 over the foreground ROIs' deltas of their GT class, summed
@@ -123,7 +158,7 @@ class MaxIoUMatcher(Matcher):
 
 
 @ROI_HEADS_REGISTRY.register()
-class LibraROIHeads(SupportsEAPMBalancedL1, StandardROIHeads):
+class LibraROIHeads(DeclaresConfigChecks, SupportsEAPMBalancedL1, StandardROIHeads):
     """``StandardROIHeads`` with Libra R-CNN's balanced sampling and the
     ``EAPMFastRCNNOutputLayers`` box predictor.
 
@@ -135,9 +170,12 @@ class LibraROIHeads(SupportsEAPMBalancedL1, StandardROIHeads):
         instance_balanced_pos: positives spread evenly over the GT instances.
 
     The box loss is ``EAPMFastRCNNOutputLayers``'s (balanced L1, EAPM regression).
+    ``from_config`` reads ``MODEL.ROI_HEADS.IOU_BALANCED_*`` / ``INSTANCE_BALANCED_POS``;
+    ``config_checks()`` declares their rules and the box predictor's.
     """
 
     box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
+    box_predictor_class = EAPMFastRCNNOutputLayers
 
     @configurable
     def __init__(
@@ -150,12 +188,8 @@ class LibraROIHeads(SupportsEAPMBalancedL1, StandardROIHeads):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if int(iou_balanced_num_bins) < 0:
-            raise ValueError(f"iou_balanced_num_bins must be >= 0, got {iou_balanced_num_bins}")
-        if not 0 <= float(iou_balanced_floor_fraction) <= 1:
-            raise ValueError(
-                f"iou_balanced_floor_fraction must be in [0, 1], got {iou_balanced_floor_fraction}"
-            )
+        check_iou_balanced_num_bins(iou_balanced_num_bins)
+        check_iou_balanced_floor_fraction(iou_balanced_floor_fraction)
         if not isinstance(self.proposal_matcher, MaxIoUMatcher):
             self.proposal_matcher = MaxIoUMatcher.from_matcher(self.proposal_matcher)
         self.iou_balanced_num_bins = int(iou_balanced_num_bins)
@@ -166,13 +200,27 @@ class LibraROIHeads(SupportsEAPMBalancedL1, StandardROIHeads):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret.update(eapm_kwargs(cfg)["LibraROIHeads"])
+        rh = cfg.MODEL.ROI_HEADS
+        ret.update(
+            iou_balanced_num_bins=int(rh.IOU_BALANCED_NUM_BINS),
+            iou_balanced_floor_thresh=float(rh.IOU_BALANCED_FLOOR_THRESH),
+            iou_balanced_floor_fraction=float(rh.IOU_BALANCED_FLOOR_FRACTION),
+            instance_balanced_pos=bool(rh.INSTANCE_BALANCED_POS),
+        )
         return ret
+
+    @classmethod
+    def config_checks(cls):
+        return {
+            "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS": check_iou_balanced_num_bins,
+            "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION": check_iou_balanced_floor_fraction,
+            **cls.box_predictor_class.config_checks(),
+        }
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        ret["box_predictor"] = EAPMFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        ret["box_predictor"] = cls.box_predictor_class(cfg, ret["box_head"].output_shape)
         return ret
 
     @adapted_from(

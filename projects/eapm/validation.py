@@ -1,0 +1,311 @@
+"""Loading and validating a config: ``load_config`` and ``validate_config``.
+
+This module sits above the models (it imports ``eapm.modeling``, which registers them, and
+asks the registered classes); nothing below it imports it. ``validate_config`` raises
+``ValueError("Invalid config KEY = VALUE: ...")`` naming the key, before anything is built:
+
+1. the rules of the keys the trainer and the data loaders read (``SOLVER.OPTIMIZER``,
+   ``SOLVER.PREEMPTION.*``, ``DATALOADER.EXACT_RESUME``, ``DATASETS.COCO_JSON``): here;
+2. the rules of the keys the models read: each registered class that declares
+   ``config_checks()`` (``eapm.capabilities.DeclaresConfigChecks``; backbone builders: an
+   attribute) names the function that owns each rule, the one its constructor applies to
+   the argument; it is applied here to the key, whatever the config chooses (a key's value
+   must suit every class that reads it), each distinct ``(key, rule)`` once;
+3. capabilities: each switched-on EAPM / GHM / BFP key must be honoured by the registered
+   class the config chooses (``issubclass`` of the mixins in ``eapm.capabilities``, never a
+   class name), and the class's own cross-key rules (``check_box_loss``,
+   ``check_ghm_cls``, ``check_head_norm``) are applied to the keys;
+4. with ``training``: what only a training job needs (AMP on a GPU, the batch per process).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.modeling import (
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    GeneralizedRCNN,
+    RetinaNet,
+)
+
+from . import modeling  # noqa: F401  (registers the classes asked below)
+from .capabilities import DenseHeadNorm, SupportsEAPMBalancedL1, SupportsEAPMFocal, SupportsGHM
+from .config import add_eapm_config
+
+__all__ = ["load_config", "validate_config"]
+
+
+def load_config(
+    config_file: str,
+    opts: Sequence[str] = (),
+    *,
+    training: bool = True,
+    world_size: int = 1,
+    coco_json: Iterable[Sequence[str]] = (),
+) -> CN:
+    """The project's config: detectron2's defaults + ``add_eapm_config``, merged from
+    ``config_file`` and the ``KEY VALUE`` list ``opts``, validated (``validate_config``).
+    Cheap (no data, model or process group), so a bad value fails in seconds.
+
+    Args:
+        training: also check what only a training job needs (AMP, batch per process).
+        world_size: the number of training processes (``--num-gpus x --num-machines``).
+        coco_json: extra ``[name, json_file, image_root]`` entries appended to
+            ``DATASETS.COCO_JSON``.
+
+    Returns the (not yet frozen) config. MODEL.DEVICE falls back to "cpu" when CUDA is
+    not available. Raises ``ValueError`` naming the key (see ``validate_config``).
+    """
+    cfg = get_cfg()
+    add_eapm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
+        cfg.MODEL.DEVICE = "cpu"
+    for entry in coco_json:
+        cfg.DATASETS.COCO_JSON.append(list(entry))
+    validate_config(cfg, training=training, world_size=world_size)
+    return cfg
+
+
+def validate_config(cfg: CN, *, training: bool = True, world_size: Optional[int] = None) -> None:
+    """Raise ``ValueError`` naming the key for any value the project's modules cannot
+    honour: out-of-range values, and switches the chosen (registered) classes do not
+    support. ``training`` adds the checks of a training job; ``world_size`` (the number
+    of processes) the checks of the batch per process."""
+    _validate_trainer_keys(cfg)
+    _validate_declared_rules(cfg)
+    _validate_capabilities(cfg)
+    if training:
+        _validate_training(cfg, world_size)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _fail(key: str, value, msg: str):
+    raise ValueError(f"Invalid config {key} = {value!r}: {msg}")
+
+
+def _require(cond: bool, key: str, msg: str, value) -> None:
+    if not cond:
+        _fail(key, value, msg)
+
+
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _checked(cfg: CN, key: str, check) -> None:
+    """Runs ``check(value)`` (the function that owns the rule about this value, used by
+    the module that takes it too) and re-raises its ValueError naming the key."""
+    value = _get(cfg, key)
+    try:
+        check(value)
+    except ValueError as e:
+        _fail(key, value, str(e))
+
+
+def _registered(registry, key: str, name: str):
+    try:
+        return registry.get(name)
+    except KeyError:
+        _fail(key, name, f"not registered in detectron2's {registry._name} registry")
+
+
+def _describe(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+# ---------------------------------------------------------------------------
+# 1. keys of the trainer and the data loaders
+# ---------------------------------------------------------------------------
+# the signals a preemption handler can catch (not SIGKILL / SIGSTOP)
+_CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
+_OPTIMIZERS = ("SGD", "ADAMW")
+
+
+def _validate_trainer_keys(cfg: CN) -> None:
+    opt = cfg.SOLVER.OPTIMIZER
+    _require(opt in _OPTIMIZERS, "SOLVER.OPTIMIZER", f"must be one of {_OPTIMIZERS}", opt)
+    sigs = cfg.SOLVER.PREEMPTION.SIGNALS
+    _require(
+        isinstance(sigs, (list, tuple)) and all(s in _CATCHABLE_SIGNALS for s in sigs),
+        "SOLVER.PREEMPTION.SIGNALS",
+        f"must be a list of signal names among {_CATCHABLE_SIGNALS}",
+        sigs,
+    )
+    code = cfg.SOLVER.PREEMPTION.EXIT_CODE
+    _require(
+        isinstance(code, int) and not isinstance(code, bool) and 1 <= code <= 255,
+        "SOLVER.PREEMPTION.EXIT_CODE",
+        "must be an integer in [1, 255]",
+        code,
+    )
+    _require(
+        not cfg.DATALOADER.EXACT_RESUME or cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler",
+        "DATALOADER.SAMPLER_TRAIN",
+        "DATALOADER.EXACT_RESUME True implements 'TrainingSampler' only (set EXACT_RESUME False "
+        "for detectron2's other samplers)",
+        cfg.DATALOADER.SAMPLER_TRAIN,
+    )
+    for i, entry in enumerate(cfg.DATASETS.COCO_JSON):
+        _require(
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(isinstance(x, str) for x in entry),
+            f"DATASETS.COCO_JSON[{i}]",
+            "each entry must be [name, json_file, image_root]",
+            entry,
+        )
+
+
+# ---------------------------------------------------------------------------
+# 2. the rules the models declare for the keys they read
+# ---------------------------------------------------------------------------
+def _validate_declared_rules(cfg: CN) -> None:
+    done = set()
+    for registry in (META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, BACKBONE_REGISTRY):
+        for _, obj in registry:
+            declared = getattr(obj, "config_checks", None)
+            if not callable(declared):
+                continue
+            for key, check in declared().items():
+                if (key, check) in done:
+                    continue
+                done.add((key, check))
+                _checked(cfg, key, check)
+
+
+# ---------------------------------------------------------------------------
+# 3. capabilities of the chosen classes
+# ---------------------------------------------------------------------------
+def _validate_capabilities(cfg: CN) -> None:
+    """Each switched-on EAPM key must be honoured by the registered class that reads it."""
+    arch_name = cfg.MODEL.META_ARCHITECTURE
+    arch = _registered(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", arch_name)
+    where = f"MODEL.META_ARCHITECTURE {arch_name!r} ({_describe(arch)})"
+    e = cfg.MODEL.EAPM
+    if e.CLS.ENABLED and not issubclass(arch, SupportsEAPMFocal):
+        _fail(
+            "MODEL.EAPM.CLS.ENABLED",
+            True,
+            f"{where} has no EAPM focal loss and would train without it; use 'EAPMRetinaNet' "
+            "or 'EAPMFCOS' (or a subclass)",
+        )
+    # the class that owns the box regression loss, and the key that selects its type
+    if issubclass(arch, GeneralizedRCNN):
+        heads_name = cfg.MODEL.ROI_HEADS.NAME
+        owner = _registered(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", heads_name)
+        owner_key, loss_key = "MODEL.ROI_HEADS.NAME", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
+        owner_where = f"MODEL.ROI_HEADS.NAME {heads_name!r} ({_describe(owner)})"
+        use = "'LibraROIHeads' (or a subclass)"
+    else:
+        owner, owner_key, owner_where = arch, "MODEL.META_ARCHITECTURE", where
+        loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE" if issubclass(arch, RetinaNet) else None
+        use = "'EAPMRetinaNet' (or a subclass)"
+    supports_bl1 = issubclass(owner, SupportsEAPMBalancedL1)
+    if e.REG.ENABLED and not supports_bl1:
+        _fail(
+            "MODEL.EAPM.REG.ENABLED",
+            True,
+            f"{owner_where} has no EAPM balanced L1 box loss and would train without it; "
+            f"use {use}",
+        )
+    if loss_key and _get(cfg, loss_key) == "balanced_l1" and not supports_bl1:
+        _fail(
+            owner_key,
+            _get(cfg, owner_key),
+            f"it has no 'balanced_l1' box loss ({loss_key}); use {use}",
+        )
+    # GHM: GHM-C (MODEL.GHM.CLS.ENABLED) and GHM-R (box loss "ghm_r") need SupportsGHM
+    ghm_use = "'EAPMRetinaNet' (or a subclass)"
+    supports_ghm = issubclass(arch, SupportsGHM)
+    if cfg.MODEL.GHM.CLS.ENABLED and not supports_ghm:
+        _fail(
+            "MODEL.GHM.CLS.ENABLED",
+            True,
+            f"{where} has no GHM-C loss and would train without it; use {ghm_use}",
+        )
+    if (
+        issubclass(arch, RetinaNet)
+        and cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE == "ghm_r"
+        and not supports_ghm
+    ):
+        _fail(
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+            "ghm_r",
+            f"{where} has no GHM-R box loss; use {ghm_use}",
+        )
+    mu = float(e.CLS.MU) if e.CLS.ENABLED else 0.0
+    if supports_ghm:
+        _checked(cfg, "MODEL.GHM.CLS.ENABLED", lambda v: arch.check_ghm_cls(v, mu))
+    if supports_bl1:
+        theta = float(e.REG.THETA) if e.REG.ENABLED else 0.0
+        _checked(cfg, owner.box_loss_key, lambda v: owner.check_box_loss(v, theta))
+    # BFP: only the BFP backbone builders read MODEL.BFP.*
+    bb = cfg.MODEL.BACKBONE.NAME
+    builder = _registered(BACKBONE_REGISTRY, "MODEL.BACKBONE.NAME", bb)
+    _require(
+        not cfg.MODEL.BFP.ENABLED or getattr(builder, "reads_bfp_config", False),
+        "MODEL.BACKBONE.NAME",
+        "MODEL.BFP.ENABLED needs a BFP backbone builder (build_resnet_fpn_bfp_backbone or "
+        "build_retinanet_resnet_fpn_bfp_backbone); with this one BFP would silently be off",
+        bb,
+    )
+    # the dense head's own rule about its normalisation
+    if issubclass(arch, DenseHeadNorm):
+        channels = cfg.MODEL.FPN.OUT_CHANNELS
+        _checked(cfg, arch.head_norm_key, lambda v: arch.check_head_norm(v, channels))
+
+
+# ---------------------------------------------------------------------------
+# 4. training
+# ---------------------------------------------------------------------------
+def _head_norm_key(arch) -> Optional[str]:
+    """The key of the dense head's normalisation: declared by the class
+    (``DenseHeadNorm.head_norm_key``), or detectron2's for its own RetinaNet."""
+    if issubclass(arch, DenseHeadNorm):
+        return arch.head_norm_key
+    if issubclass(arch, RetinaNet):
+        return "MODEL.RETINANET.NORM"
+    return None
+
+
+def _validate_training(cfg: CN, world_size: Optional[int]) -> None:
+    _require(
+        not (cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"),
+        "SOLVER.AMP.ENABLED",
+        "mixed-precision training (detectron2's AMPTrainer) needs CUDA, and MODEL.DEVICE is "
+        "'cpu' (set when no GPU is available)",
+        cfg.SOLVER.AMP.ENABLED,
+    )
+    if world_size is None or cfg.SOLVER.REFERENCE_WORLD_SIZE != 0:
+        return
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    # detectron2 asserts this only after the model and the dataset are loaded
+    _require(
+        batch % world_size == 0,
+        "SOLVER.IMS_PER_BATCH",
+        f"it is the total batch of all processes and must be divisible by their number "
+        f"({world_size} = --num-gpus x --num-machines)",
+        batch,
+    )
+    norm_key = _head_norm_key(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE))
+    per_process = batch // world_size
+    # BatchNorm on the 1x1 top level of one image fails deep inside torch at iteration 0
+    _require(
+        not (norm_key and _get(cfg, norm_key) == "BN" and per_process < 2),
+        "SOLVER.IMS_PER_BATCH",
+        f"the head's BatchNorm needs at least 2 images per process, got {per_process} "
+        f"({world_size} processes, {norm_key} 'BN'); use more images, or GN / SyncBN in the head",
+        batch,
+    )
