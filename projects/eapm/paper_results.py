@@ -3,7 +3,7 @@ of this repository's configs in ``configs/COCO-Detection/``.
 
 Values are box AP in percent: (AP, AP50, AP75, APs, APm, APl). Tables 1 and 2 are on
 ``coco_2017_val``, Table 3 on ``coco_2017_test-dev``. The paper trained with mmdetection
-(4 GPUs x 2 images, 12 epochs); see README for the differences to detectron2.
+(4 GPUs x 2 images, 12 epochs); see docs/detectors.md for the differences to detectron2.
 
 Used by ``tools/collect_results.py --paper``.
 """
