@@ -25,7 +25,7 @@ model.anchor_generator.sizes = [
     [256.0, 322.54, 406.37],
     [512.0, 645.08, 812.75],
 ]
-# EAPM's keyword arguments (eapm.eapm_kwargs gives the same from the yacs keys); off here
+# EAPM's keyword arguments (EAPMRetinaNet.from_config reads them from the yacs keys); off here
 model.eapm_cls_mu = 0.0  # MODEL.EAPM.CLS.MU (0 = detectron2's focal loss)
 model.eapm_reg_theta = 0.0  # MODEL.EAPM.REG.THETA (needs box_reg_loss_type "balanced_l1")
 model.loss_normalizer = "ema"  # MODEL.LOSS_NORMALIZER.TYPE
