@@ -182,7 +182,7 @@ def test_recipe_0_3_config_is_the_recipe_before_0_4():
 def test_benchmark_recipe_section_trains_both_recipes(tmp_path):
     """tools/benchmark.py --only recipe: both quickstart recipes take training steps on the
     embedded dataset (tiny batches here) and the ratios are printed and finite."""
-    from test_tools import run_benchmark
+    from tests.tools.test_benchmark import run_benchmark
 
     from eapm.data import shapes
 
