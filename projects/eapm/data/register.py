@@ -19,6 +19,7 @@ from .validate import (
     DatasetFileNotFoundError,
     categories_of,
     check_coco_dataset,
+    checked_before,
     load_coco_json_text,
 )
 
@@ -137,6 +138,9 @@ def _check_on_each_machine(name, json_file, image_root, level, num_workers):
     from the cache) in the others; returns the categories."""
     from detectron2.utils import comm
 
+    done = checked_before(json_file, image_root, level)
+    if done is not None:  # so in every process (they all make the same calls): no barrier
+        return done["categories"]
     if comm.get_world_size() == 1:
         return check_coco_dataset(
             name, json_file, image_root, level=level, num_workers=num_workers

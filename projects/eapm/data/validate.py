@@ -254,6 +254,21 @@ def validate_coco(
 _CHECKED: Dict[Tuple[str, str, int], Tuple[Tuple[int, int], Dict]] = {}
 
 
+def checked_before(json_file: str, image_root: str, level: str) -> Optional[Dict]:
+    """The summary of this process's earlier passed check of the unchanged json at
+    ``level`` (or a higher one), else None."""
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    try:
+        sig = check_cache.file_signature(json_file)
+    except OSError:
+        return None
+    for lvl in range(_level(level), len(LEVELS)):
+        memo = _CHECKED.get((json_file, image_root, lvl))
+        if memo is not None and memo[0] == sig:
+            return memo[1]
+    return None
+
+
 def _level(level) -> int:
     if level not in LEVELS:
         raise ValueError(f"check level must be one of {tuple(LEVELS)}, got {level!r}")
@@ -294,9 +309,9 @@ def check_coco_dataset(
         raise DatasetFileNotFoundError(
             f"Dataset '{name}': annotation file not found: {json_file}"
         ) from e
-    memo = _CHECKED.get((json_file, image_root, lvl))
-    if memo is not None and memo[0] == sig:
-        return memo[1]
+    memo = checked_before(json_file, image_root, level)
+    if memo is not None:
+        return memo
 
     t0 = time.perf_counter()
     entry = check_cache.load(json_file, image_root) if use_cache else None
