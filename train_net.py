@@ -7,13 +7,14 @@
     python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/quickstart/eapm_retinanet.py train.max_iter=100
 
-A ``.py`` config file is a LazyConfig, trained by ``eapm.lazy`` (same flags; overrides as
-key=value, e.g. train.init_checkpoint=output/model_final.pth with --eval-only).
+A ``.py`` config file is a LazyConfig, trained by ``eapm.lazy`` with the same engine (same flags;
+overrides as key=value, e.g. train.init_checkpoint=output/model_final.pth with --eval-only).
 
 Multi-node: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
-Preemption: on SIGTERM / SIGUSR1 (SOLVER.PREEMPTION.SIGNALS) training checkpoints after the
-current iteration and exits with status 75 (SOLVER.PREEMPTION.EXIT_CODE); rerun the same
-command with --resume to continue exactly where it stopped.
+Preemption: on SIGTERM / SIGUSR1 (SOLVER.PREEMPTION.SIGNALS, LazyConfig train.preemption)
+training checkpoints after the current iteration and exits with status 75
+(SOLVER.PREEMPTION.EXIT_CODE); rerun the same command with --resume to continue exactly where
+it stopped.
 Without GPUs the model runs on the CPU (MODEL.DEVICE is set to "cpu") and several
 processes use GLOO.
 """
@@ -26,9 +27,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import eapm
+from eapm import lazy
 from eapm.checkpoint import EAPMCheckpointer
 from eapm.data import register_from_config
 from eapm.engine import EAPMTrainer, launch_from_args, preemption_exit
+from eapm.lazy import is_lazy_config
 
 logger = logging.getLogger("eapm")
 
@@ -85,15 +88,22 @@ def build_parser():
     return parser
 
 
+def launch(args) -> None:
+    """Loads the config of ``args`` once here, so that a bad key or value fails in seconds
+    before any process is spawned, then runs the yacs ``main`` or the LazyConfig loop's
+    (``eapm.lazy.main``) in every process, with the launcher's half of preemption around
+    both (``preemption_exit``: SOLVER.PREEMPTION / ``train.preemption``)."""
+    if is_lazy_config(args.config_file):  # a LazyConfig: detectron2's LazyConfig training loop
+        cfg = lazy.load_lazy_config(args.config_file, args.opts)
+        entry, preemption = lazy.main, lazy.preemption_kwargs(cfg)
+    else:
+        p = load_config(args).SOLVER.PREEMPTION
+        entry, preemption = main, dict(signals=p.SIGNALS, exit_code=p.EXIT_CODE)
+    with preemption_exit(**preemption):
+        launch_from_args(entry, args)
+
+
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    if args.config_file.endswith(".py"):  # a LazyConfig: detectron2's LazyConfig training loop
-        from eapm.lazy import launch_main
-
-        raise SystemExit(launch_main(args))
-    # validate here too: a bad config fails before any process is spawned
-    cfg = load_config(args)
-    preemption = cfg.SOLVER.PREEMPTION
-    with preemption_exit(preemption.SIGNALS, preemption.EXIT_CODE):
-        launch_from_args(main, args)
+    launch(args)

@@ -1,28 +1,35 @@
 """Training and evaluation of LazyConfig (``.py``) configs: detectron2's LazyConfig training
 loop (a ``SimpleTrainer`` / ``AMPTrainer`` with detectron2's hooks, as its
-``tools/lazyconfig_train_net.py`` describes), written for this project.
+``tools/lazyconfig_train_net.py`` describes) with the engine of the yacs path
+(``eapm.engine``): the same hooks (``ResumeState``, ``PreemptibleCheckpointer``), gradient
+clipping, DDP and atomic checkpoints, so that a yacs config and its LazyConfig twin are two
+spellings of one run.
 
-``train_net.py --config-file X.py`` dispatches here; the flags are those of the yacs path
+``train_net.py --config-file X.py`` runs ``main`` here; the flags are those of the yacs path
 (``--eval-only``, ``--resume``, ``--num-gpus``, ``--num-machines``, ``--machine-rank``,
 ``--dist-url``, ``--register-coco``), and the overrides are LazyConfig's ``key=value``
 (``train.max_iter=100 model.eapm_cls_mu=2.0``).
 
 A LazyConfig holds ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``),
 ``optimizer``, ``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys), and
-three keys of this project in ``train``:
+keys of this project in ``train``, each the twin of a yacs key (a missing one takes the
+yacs key's default):
 
-* ``train.clip_gradients``: ``dict(enabled, clip_type "value"|"norm", clip_value,
-  norm_type)``, yacs' ``SOLVER.CLIP_GRADIENTS`` (``clip_gradients`` below);
+* ``train.clip_gradients``: ``dict(enabled, clip_type "value"|"norm"|"full_model",
+  clip_value, norm_type)``, yacs' ``SOLVER.CLIP_GRADIENTS`` (``eapm.engine.clip_gradients``);
+* ``train.preemption``: ``dict(signals=[...], exit_code=75)``, yacs'
+  ``SOLVER.PREEMPTION.SIGNALS`` / ``EXIT_CODE``;
 * ``train.seed``: the random seed (< 0: a random one), yacs' ``SEED``;
 * ``train.channels_last``: the model in the channels-last memory format, yacs'
   ``MODEL.CHANNELS_LAST`` (``build_model``).
 
+Exact resume needs ``dataloader.train`` to be ``eapm.data.resumable.
+build_resumable_train_loader`` (yacs' ``DATALOADER.EXACT_RESUME True``; the configs of this
+project use it); with another loader the data order starts afresh on ``--resume``.
+
 On a machine without CUDA ``train.device`` falls back to ``"cpu"`` (several processes then
 use GLOO, as on the yacs path). The embedded dataset ``eapm_shapes_*`` is registered at
-``$EAPM_DATASETS`` / ``./datasets`` (generated on first use). Checkpoints are written by
-``eapm.checkpoint.EAPMCheckpointer`` (atomic, damaged-file fallback on ``--resume``).
-Not on this path (yacs only): exact resume of the data order and of the EMA loss
-normalisers, and preemption signals.
+``$EAPM_DATASETS`` / ``./datasets`` (generated on first use).
 """
 
 from __future__ import annotations
@@ -33,34 +40,40 @@ from typing import Any, Dict, Optional
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    create_ddp_model,
-    default_setup,
-    default_writers,
-    hooks,
-)
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import EAPMCheckpointer
 from .data import register_coco_json, register_embedded
+from .engine import (
+    PreemptibleCheckpointer,
+    ResumeState,
+    clip_gradients,
+    clip_kwargs,
+    create_ddp_model,
+)
 
 __all__ = [
     "load_lazy_config",
     "build_model",
+    "build_optimizer",
+    "build_trainer",
     "clip_gradients",
     "do_test",
     "do_train",
+    "is_lazy_config",
     "main",
-    "launch_main",
+    "preemption_kwargs",
 ]
 
 logger = logging.getLogger("eapm")
 
-CLIP_TYPES = ("value", "norm")
+
+def is_lazy_config(path: str) -> bool:
+    """Whether ``path`` names a LazyConfig (a ``.py`` file) rather than a yacs one."""
+    return os.path.splitext(path)[1] == ".py"
 
 
 def load_lazy_config(config_file: str, overrides=()):
@@ -74,39 +87,32 @@ def load_lazy_config(config_file: str, overrides=()):
     return cfg
 
 
-def clip_gradients(
-    optimizer: torch.optim.Optimizer,
-    enabled: bool = True,
-    clip_type: str = "norm",
-    clip_value: float = 1.0,
-    norm_type: float = 2.0,
-) -> torch.optim.Optimizer:
-    """``optimizer`` (the same object), whose ``step`` first clips the gradients of all its
-    parameters: ``clip_type`` "norm" (``torch.nn.utils.clip_grad_norm_`` over all of them,
-    ``max_norm=clip_value``, ``norm_type``) or "value" (``clip_grad_value_``). The meaning
-    of yacs' ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE`` "norm" / "value" ("full_model"
-    clipping, as the configs of this project use it). ``enabled=False`` returns it unchanged.
+def _yacs_defaults():
+    """detectron2's and this project's yacs defaults: the defaults of the ``train`` keys a
+    LazyConfig leaves out."""
+    from detectron2.config import get_cfg
 
-    Raises ``ValueError`` for an unknown ``clip_type`` or a ``clip_value`` <= 0."""
-    if not enabled:
-        return optimizer
-    if clip_type not in CLIP_TYPES:
-        raise ValueError(f"clip_type must be one of {CLIP_TYPES}, got {clip_type!r}")
-    if not clip_value > 0:
-        raise ValueError(f"clip_value must be > 0, got {clip_value!r}")
-    base = type(optimizer)
+    from .config import add_eapm_config
 
-    def step(self, closure=None):
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if clip_type == "norm":
-            torch.nn.utils.clip_grad_norm_(params, clip_value, norm_type)
-        else:
-            torch.nn.utils.clip_grad_value_(params, clip_value)
-        return base.step(self, closure)
+    cfg = get_cfg()
+    add_eapm_config(cfg)
+    return cfg
 
-    # a subclass per instance: the optimizer's class (and its state_dict) stay the base's
-    optimizer.__class__ = type(f"{base.__name__}WithGradientClipping", (base,), {"step": step})
-    return optimizer
+
+def preemption_kwargs(cfg) -> Dict[str, Any]:
+    """``dict(signals, exit_code)`` of ``train.preemption`` (defaults: yacs'
+    SOLVER.PREEMPTION)."""
+    default = _yacs_defaults().SOLVER.PREEMPTION
+    p = cfg.train.get("preemption", None) or {}
+    return dict(
+        signals=list(p.get("signals", default.SIGNALS)),
+        exit_code=int(p.get("exit_code", default.EXIT_CODE)),
+    )
+
+
+def _clip_kwargs(cfg) -> Dict[str, Any]:
+    """``clip_gradients``'s arguments: ``train.clip_gradients`` over yacs' defaults."""
+    return {**clip_kwargs(_yacs_defaults()), **(cfg.train.get("clip_gradients", None) or {})}
 
 
 def _register_datasets(args) -> None:
@@ -117,7 +123,7 @@ def _register_datasets(args) -> None:
 
 def setup(args):
     """Loads the config, sets up logging, the output folder and the seed (detectron2's
-    ``default_setup``), registers the datasets. Returns the config."""
+    ``default_setup``, as on the yacs path), registers the datasets. Returns the config."""
     cfg = load_lazy_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="eapm")
@@ -126,10 +132,7 @@ def setup(args):
 
 
 def _ddp(cfg, model):
-    kwargs = dict(cfg.train.get("ddp", {}))
-    if cfg.train.device == "cpu":
-        kwargs["device_ids"] = None  # DDP rejects device_ids for CPU modules
-    return create_ddp_model(model, **kwargs)
+    return create_ddp_model(model, **cfg.train.get("ddp", {}))
 
 
 def build_model(cfg) -> torch.nn.Module:
@@ -140,6 +143,13 @@ def build_model(cfg) -> torch.nn.Module:
     if cfg.train.get("channels_last", False):
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` for ``model``, clipping as ``train.clip_gradients`` says (the yacs
+    path's ``eapm.engine.clip_gradients``). Raises its ``ValueError``."""
+    cfg.optimizer.params.model = model
+    return clip_gradients(instantiate(cfg.optimizer), **_clip_kwargs(cfg))
 
 
 def do_test(cfg, model) -> Dict[str, Any]:
@@ -155,34 +165,38 @@ def do_test(cfg, model) -> Dict[str, Any]:
     return ret
 
 
-def do_train(args, cfg) -> None:
-    """Trains ``cfg.model`` with ``cfg.optimizer`` (+ ``train.clip_gradients``),
-    ``cfg.lr_multiplier`` and ``cfg.dataloader.train`` for ``train.max_iter`` iterations,
-    checkpointing every ``train.checkpointer.period``, evaluating every
-    ``train.eval_period`` (0: at the end only) and at the end."""
+def build_trainer(cfg, resume: bool = False):
+    """The trainer of ``cfg``, loaded and ready: ``trainer.train(trainer.start_iter,
+    cfg.train.max_iter)`` trains. Builds, in the yacs trainer's order, the model, its
+    optimizer (``build_optimizer``), the training loader (``dataloader.train``) and the
+    DDP wrapper, then detectron2's ``SimpleTrainer`` (``AMPTrainer`` with
+    ``train.amp.enabled``) with the hooks of the yacs path: ``IterationTimer``,
+    ``LRScheduler`` (``lr_multiplier``), ``ResumeState`` and ``PreemptibleCheckpointer``
+    (every ``train.checkpointer.period``; ``train.preemption``), ``EvalHook`` (every
+    ``train.eval_period``, 0: at the end) and the writers (every ``train.log_period``).
+    ``resume``: continue from the output folder's last checkpoint (falling back past a
+    damaged one), else start from ``train.init_checkpoint``."""
     model = build_model(cfg)
     logger.info(f"Model:\n{model}")
-    cfg.optimizer.params.model = model
-    optim = instantiate(cfg.optimizer)
-    clip = cfg.train.get("clip_gradients", None)
-    if clip:
-        optim = clip_gradients(optim, **clip)
+    optim = build_optimizer(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
     model = _ddp(cfg, model)
     amp = cfg.train.get("amp", {}).get("enabled", False)
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, train_loader, optim)
     checkpointer = EAPMCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     ckpt = cfg.train.checkpointer
+    resume_state = ResumeState()
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            (
-                hooks.PeriodicCheckpointer(
-                    checkpointer, ckpt.period, max_to_keep=ckpt.get("max_to_keep")
-                )
-                if comm.is_main_process()
-                else None
+            resume_state,
+            PreemptibleCheckpointer(
+                checkpointer,
+                ckpt.period,
+                resume_state=resume_state,
+                max_to_keep=ckpt.get("max_to_keep"),
+                **preemption_kwargs(cfg),
             ),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             (
@@ -195,9 +209,16 @@ def do_train(args, cfg) -> None:
             ),
         ]
     )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    trainer.start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    return trainer
+
+
+def do_train(args, cfg) -> None:
+    """Trains ``cfg`` (``build_trainer``; ``args.resume``) for ``train.max_iter`` iterations,
+    evaluating at the end."""
+    trainer = build_trainer(cfg, resume=args.resume)
+    trainer.train(trainer.start_iter, cfg.train.max_iter)
 
 
 def main(args) -> Optional[Dict[str, Any]]:
@@ -213,18 +234,3 @@ def main(args) -> Optional[Dict[str, Any]]:
         return do_test(cfg, model)
     do_train(args, cfg)
     return None
-
-
-def launch_main(args) -> None:
-    """``main`` in ``--num-gpus x --num-machines`` processes (detectron2's ``launch``),
-    after loading the config once here, so that a bad key or value fails before any
-    process is spawned."""
-    from .engine import launch_from_args
-
-    load_lazy_config(args.config_file, args.opts)
-    launch_from_args(main, args)
-
-
-def is_lazy_config(path: str) -> bool:
-    """Whether ``path`` names a LazyConfig (a ``.py`` file) rather than a yacs one."""
-    return os.path.splitext(path)[1] == ".py"

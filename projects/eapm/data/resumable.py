@@ -40,6 +40,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.data import DatasetFromList, DatasetMapper, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
@@ -245,13 +246,14 @@ class _PreemptionSafeLoader(torch.utils.data.DataLoader):
         return it
 
 
-def build_resumable_train_loader(cfg, mapper=None) -> torch.utils.data.DataLoader:
-    """The training loader of ``cfg`` (DATASETS.TRAIN, DATALOADER.*, SOLVER.IMS_PER_BATCH,
-    INPUT.* through detectron2's ``DatasetMapper``) as an infinite DataLoader of lists of
-    dataset dicts, one list per iteration of this process; its ``batch_sampler`` is the
-    ``ResumableBatchSampler`` that holds its position. (DATALOADER.SAMPLER_TRAIN must be
-    "TrainingSampler", the order this loader implements: ``eapm.validate_config`` checks.)"""
-    dicts = get_detection_dataset_dicts(
+def _train_loader_from_config(cfg, mapper=None):
+    """``build_resumable_train_loader``'s arguments from a yacs config: DATASETS.TRAIN (with
+    DATALOADER.FILTER_EMPTY_ANNOTATIONS, keypoints and proposals as detectron2's loader),
+    detectron2's ``DatasetMapper(cfg, True)`` unless ``mapper`` is given,
+    SOLVER.IMS_PER_BATCH, DATALOADER.ASPECT_RATIO_GROUPING and DATALOADER.NUM_WORKERS.
+    (DATALOADER.SAMPLER_TRAIN must be "TrainingSampler", the order this loader implements:
+    ``eapm.validate_config`` checks.)"""
+    dataset = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         min_keypoints=(
@@ -259,39 +261,90 @@ def build_resumable_train_loader(cfg, mapper=None) -> torch.utils.data.DataLoade
         ),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
+    return {
+        "dataset": dataset,
+        "mapper": mapper if mapper is not None else DatasetMapper(cfg, True),
+        "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
+        "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+    }
+
+
+@configurable(from_config=_train_loader_from_config)
+def build_resumable_train_loader(
+    dataset: List[dict],
+    *,
+    mapper,
+    total_batch_size: int,
+    aspect_ratio_grouping: bool = True,
+    num_workers: int = 0,
+    seed: Optional[int] = None,
+) -> torch.utils.data.DataLoader:
+    """The exactly resumable training loader, called as detectron2's
+    ``build_detection_train_loader``: ``build_resumable_train_loader(cfg, mapper=None)`` for
+    a yacs config (``_train_loader_from_config``), or with explicit arguments (a LazyConfig's
+    ``dataloader.train``).
+
+    Args:
+        dataset: the training dataset dicts (a list, e.g. ``get_detection_dataset_dicts``);
+            with ``aspect_ratio_grouping`` each needs its ``width`` and ``height``.
+        mapper: dataset dict -> model input dict (e.g. ``DatasetMapper``), called with the
+            global random generators seeded from (seed, stream position).
+        total_batch_size: images per iteration over all processes (a multiple of their number).
+        aspect_ratio_grouping: batches of images that are all wider than high, or all not.
+        num_workers: data-loader worker processes (0: batches made in the main process);
+            the batches are the same for any number.
+        seed: the shuffle's seed (None: ``comm.shared_random_seed()``, drawn from the
+            seeded global NumPy generator, as detectron2's TrainingSampler).
+
+    Returns an infinite DataLoader of lists of mapped dicts, one list of
+    ``total_batch_size / world size`` per iteration of this process; its ``batch_sampler`` is
+    the ``ResumableBatchSampler`` that holds its position.
+
+    Raises ``ValueError`` when ``total_batch_size`` is not a positive multiple of the number
+    of processes, or an image lacks its size with ``aspect_ratio_grouping``; ``TypeError``
+    when ``dataset`` is not a list."""
+    if not isinstance(dataset, list):
+        raise TypeError(f"dataset must be a list of dataset dicts, got {type(dataset).__name__}")
     world, rank = comm.get_world_size(), comm.get_rank()
+    if total_batch_size <= 0 or total_batch_size % world:
+        raise ValueError(
+            f"total_batch_size ({total_batch_size}) must be a positive multiple of the number of "
+            f"processes ({world})"
+        )
     bucket_of = None
-    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-        missing = [d.get("file_name") for d in dicts if "width" not in d or "height" not in d]
+    if aspect_ratio_grouping:
+        missing = [d.get("file_name") for d in dataset if "width" not in d or "height" not in d]
         if missing:
             raise ValueError(
-                f"DATALOADER.ASPECT_RATIO_GROUPING needs the 'width' and 'height' of every "
-                f"training image; {missing[0]} (and {len(missing) - 1} more) has none"
+                f"aspect-ratio grouping (DATALOADER.ASPECT_RATIO_GROUPING) needs the 'width' and "
+                f"'height' of every training image; {missing[0]} (and {len(missing) - 1} more) "
+                "has none"
             )
-        bucket_of = [0 if d["width"] > d["height"] else 1 for d in dicts]
-    seed = comm.shared_random_seed()  # from the seeded global RNG, as TrainingSampler
-    batch_size = cfg.SOLVER.IMS_PER_BATCH // world
+        bucket_of = [0 if d["width"] > d["height"] else 1 for d in dataset]
+    if seed is None:
+        seed = comm.shared_random_seed()  # from the seeded global RNG, as TrainingSampler
+    batch_size = total_batch_size // world
     # detectron2's wording, so that logs read the same with either loader
     logging.getLogger(__name__).info(
         f"Making batched data loader with batch_size={batch_size} (exactly resumable: "
-        f"{len(dicts)} images, seed {seed}, aspect-ratio grouping "
-        f"{'on' if bucket_of else 'off'}, {cfg.DATALOADER.NUM_WORKERS} workers)"
+        f"{len(dataset)} images, seed {seed}, aspect-ratio grouping "
+        f"{'on' if bucket_of else 'off'}, {num_workers} workers)"
     )
     sampler = ResumableBatchSampler(
-        len(dicts),
+        len(dataset),
         batch_size,
         seed=seed,
         rank=rank,
         world_size=world,
         bucket_of=bucket_of,
     )
-    dataset = SeededMapDataset(dicts, mapper or DatasetMapper(cfg, True))
     generator = torch.Generator()  # the loader's own: creating it draws nothing globally
     generator.manual_seed(seed)
     return _PreemptionSafeLoader(
-        dataset,
+        SeededMapDataset(dataset, mapper),
         batch_sampler=sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        num_workers=num_workers,
         collate_fn=trivial_batch_collator,
         worker_init_fn=_worker_init,
         generator=generator,

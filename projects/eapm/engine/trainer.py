@@ -1,0 +1,114 @@
+"""The trainer of yacs configs: detectron2's DefaultTrainer with this project's datasets,
+model options, optimizer (``eapm.engine.solver``), exactly resumable loader, COCO
+evaluation, and the hooks of ``eapm.engine.hooks`` (which the LazyConfig loop registers
+too)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+
+import torch
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as _d2_defaults
+from detectron2.engine import hooks
+from detectron2.evaluation import COCOEvaluator
+
+from ..checkpoint import EAPMCheckpointer
+from ..data import register_from_config
+from ..data.resumable import build_resumable_train_loader
+from .hooks import PreemptibleCheckpointer, ResumeState
+from .launch import create_ddp_model
+from .solver import build_optimizer
+
+__all__ = ["EAPMTrainer"]
+
+
+@contextlib.contextmanager
+def _our_ddp():
+    """``DefaultTrainer.__init__`` wraps the model with the ``create_ddp_model`` of
+    detectron2's ``engine/defaults.py``, which offers no other hook: while active, that name
+    is ``eapm.engine.launch.create_ddp_model`` (the LazyConfig loop calls it directly)."""
+    original = _d2_defaults.create_ddp_model
+    _d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        _d2_defaults.create_ddp_model = original
+
+
+class EAPMTrainer(DefaultTrainer):
+    """DefaultTrainer + COCO evaluation + this project's datasets + preemption-safe,
+    exactly resumable training (``ResumeState`` and ``PreemptibleCheckpointer`` hooks,
+    atomic checkpoints with a damaged-file fallback: ``eapm.checkpoint``).
+
+    ``cfg`` is expected to come from ``eapm.load_config`` (which validates it); a config
+    assembled by hand should be passed through ``eapm.validate_config`` first."""
+
+    def __init__(self, cfg):
+        register_from_config(cfg)
+        with _our_ddp():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model of ``cfg``, in the channels-last memory format with
+        MODEL.CHANNELS_LAST."""
+        model = super().build_model(cfg)
+        if cfg.MODEL.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """``eapm.engine.solver.build_optimizer``: SGD or AdamW, SOLVER.CLIP_GRADIENTS."""
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """The exactly resumable loader (DATALOADER.EXACT_RESUME True), else detectron2's."""
+        if cfg.DATALOADER.EXACT_RESUME:
+            return build_resumable_train_loader(cfg)
+        return super().build_train_loader(cfg)
+
+    def build_hooks(self):
+        """detectron2's hooks, with its main-process PeriodicCheckpointer replaced by a
+        ``ResumeState`` and a ``PreemptibleCheckpointer`` in every process (at the same
+        place: before evaluation), writing through an ``EAPMCheckpointer``."""
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this
+        self.checkpointer = EAPMCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        ret = [h for h in super().build_hooks() if not isinstance(h, hooks.PeriodicCheckpointer)]
+        p = self.cfg.SOLVER.PREEMPTION
+        resume_state = ResumeState()
+        checkpointer = PreemptibleCheckpointer(
+            self.checkpointer,
+            self.cfg.SOLVER.CHECKPOINT_PERIOD,
+            signals=p.SIGNALS,
+            exit_code=p.EXIT_CODE,
+            resume_state=resume_state,
+        )
+        at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+        ret[at:at] = [resume_state, checkpointer]
+        return ret
+
+    def load_state_dict(self, state_dict):
+        # checkpoints of earlier versions hold the resume state as the trainer's "eapm_resume"
+        if "eapm_resume" in state_dict:
+            state_dict = dict(state_dict)
+            old = state_dict.pop("eapm_resume")
+            state_dict["hooks"] = {ResumeState.__qualname__: old, **state_dict.get("hooks", {})}
+        super().load_state_dict(state_dict)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        register_from_config(cfg)
+        return super().test(cfg, model, evaluators)
