@@ -1,11 +1,12 @@
 # LazyConfig twin of fcos_R_50_FPN_1x.yaml (Base-FCOS.yaml): detectron2's own
 # COCO-Detection/fcos_R_50_FPN_1x.py as EAPMFCOS, with the paper's (mmdetection's) recipe:
 # single scale 800, constant warm-up at lr / 3 for 500 iterations, bias lr x2 without weight
-# decay, gradient norm clipped at 35.
+# decay, the gradient norm of the whole model clipped at 35.
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 from detectron2.solver import WarmupParamScheduler
 
+from eapm.data.resumable import build_resumable_train_loader
 from eapm.modeling import EAPMFCOS
 
 _base = get_config("COCO-Detection/fcos_R_50_FPN_1x.py")
@@ -22,6 +23,9 @@ model.box_loss_type = "giou"  # MODEL.FCOS.BOX_LOSS_TYPE
 model.loss_normalizer = "ema"  # MODEL.LOSS_NORMALIZER.TYPE
 model.compile_kernels = True  # MODEL.EAPM.COMPILE
 
+# the exactly resumable loader (yacs DATALOADER.EXACT_RESUME True): same arguments as
+# detectron2's build_detection_train_loader
+dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.mapper.augmentations[0].short_edge_length = (800,)
 dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
 
@@ -38,5 +42,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 train.eval_period = 0
 train.seed = -1
 train.checkpointer.period = 10000
-train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=35.0, norm_type=2.0)
+# the whole model's gradient norm (yacs CLIP_TYPE "full_model", mmdetection's grad_clip)
+train.clip_gradients = dict(enabled=True, clip_type="full_model", clip_value=35.0, norm_type=2.0)
+train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
 train.output_dir = "./output/coco/fcos_R_50_FPN_1x"

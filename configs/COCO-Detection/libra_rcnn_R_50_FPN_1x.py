@@ -6,6 +6,7 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from eapm.data.resumable import build_resumable_train_loader
 from eapm.modeling import BalancedFeaturePyramid, EAPMFastRCNNOutputLayers, LibraROIHeads
 
 _base = get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
@@ -39,6 +40,9 @@ predictor.eapm_reg_theta = 0.0  # MODEL.EAPM.REG.THETA
 predictor.compile_kernels = True  # MODEL.EAPM.COMPILE
 del predictor
 
+# the exactly resumable loader (yacs DATALOADER.EXACT_RESUME True): same arguments as
+# detectron2's build_detection_train_loader
+dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.mapper.augmentations[0].short_edge_length = (800,)
 dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
 
@@ -46,4 +50,5 @@ optimizer.lr = 0.02
 train.eval_period = 0
 train.seed = -1
 train.clip_gradients = dict(enabled=False)
+train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
 train.output_dir = "./output/COCO-Detection/libra_rcnn_R_50_FPN_1x"

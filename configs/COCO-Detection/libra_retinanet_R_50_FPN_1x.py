@@ -1,6 +1,7 @@
 # LazyConfig twin of libra_retinanet_R_50_FPN_1x.yaml (Base-LibraRetinaNet.yaml): RetinaNet
 # R-50-FPN (P3-P7) + Balanced Feature Pyramid (refine at P4, non-local) + balanced L1 box loss
-# (alpha 0.5, gamma 1.5, beta 0.11 on unit-weight deltas), gradient norm clipped at 35.
+# (alpha 0.5, gamma 1.5, beta 0.11 on unit-weight deltas), the whole model's gradient norm
+# clipped at 35.
 from detectron2.config import LazyCall as L
 
 from eapm.modeling import BalancedFeaturePyramid
@@ -13,6 +14,7 @@ model.backbone = L(BalancedFeaturePyramid)(
 )
 model.box_reg_loss_type = "balanced_l1"
 model.balanced_l1 = (0.5, 1.5, 0.11)  # MODEL.BALANCED_L1.{ALPHA, GAMMA, BETA}
-# mmdetection's RetinaNet recipe clips the gradient norm at 35 (yacs SOLVER.CLIP_GRADIENTS)
-train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=35.0, norm_type=2.0)
+# mmdetection's RetinaNet recipe clips the gradient norm of the whole model at 35 (yacs
+# SOLVER.CLIP_GRADIENTS, CLIP_TYPE "full_model")
+train.clip_gradients = dict(enabled=True, clip_type="full_model", clip_value=35.0, norm_type=2.0)
 train.output_dir = "./output/COCO-Detection/libra_retinanet_R_50_FPN_1x"

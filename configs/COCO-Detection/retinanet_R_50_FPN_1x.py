@@ -3,6 +3,7 @@
 #   python train_net.py --num-gpus 8 --config-file configs/COCO-Detection/retinanet_R_50_FPN_1x.py
 from detectron2.model_zoo import get_config
 
+from eapm.data.resumable import build_resumable_train_loader
 from eapm.modeling import EAPMRetinaNet
 
 _base = get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
@@ -32,6 +33,9 @@ model.loss_normalizer = "ema"  # MODEL.LOSS_NORMALIZER.TYPE
 model.compile_kernels = True  # MODEL.EAPM.COMPILE
 
 # single scale 800 (the paper follows mmdetection; detectron2's zoo trains at 640-800)
+# the exactly resumable loader (yacs DATALOADER.EXACT_RESUME True): same arguments as
+# detectron2's build_detection_train_loader
+dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.mapper.augmentations[0].short_edge_length = (800,)
 dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
 
@@ -39,4 +43,5 @@ optimizer.lr = 0.01  # 16 images per iteration (see Base-RetinaNet.yaml for othe
 train.eval_period = 0  # evaluate at the end (yacs TEST.EVAL_PERIOD 0)
 train.seed = -1
 train.clip_gradients = dict(enabled=False)
+train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
 train.output_dir = "./output/coco/retinanet_R_50_FPN_1x"

@@ -10,6 +10,7 @@ from detectron2.model_zoo import get_config
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
+from eapm.data.resumable import build_resumable_train_loader
 from eapm.modeling import EAPMRetinaNet
 from eapm.modeling.backbone import make_basic_stages
 
@@ -57,6 +58,9 @@ model.eapm_reg_theta = 1.0
 model.compile_kernels = False  # tiny tensors: compiling would cost more than it saves
 
 # ------------------------------------------------------------------- data
+# the exactly resumable loader (yacs DATALOADER.EXACT_RESUME True): same arguments as
+# detectron2's build_detection_train_loader
+dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.dataset.names = "eapm_shapes_train"
 # 54 of the 800 train images have no object: train on them too
 dataloader.train.dataset.filter_empty = False
@@ -91,5 +95,7 @@ train.device = "cpu"
 train.channels_last = True  # yacs MODEL.CHANNELS_LAST: faster oneDNN convolutions on CPUs
 train.seed = 1
 train.init_checkpoint = ""
+# detectron2's "norm": every parameter tensor's gradient norm clipped at 10 on its own
 train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=10.0, norm_type=2.0)
+train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
 train.output_dir = "./output/quickstart/eapm_retinanet_lazy"
