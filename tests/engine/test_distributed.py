@@ -14,14 +14,17 @@ import time
 
 import pytest
 import torch
-from tests.helpers import REPO, make_batch, tiny_cfg
+
 from tests.helpers import (
+    REPO,
     env,
     free_port,
     kill_group,
+    make_batch,
     read_metrics,
     run_train_net,
     tail,
+    tiny_cfg,
     tiny_datasets,
     tiny_opts,
     train_net_cmd,

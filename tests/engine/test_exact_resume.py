@@ -1,9 +1,11 @@
-"""Preemption-safe, exactly resumable training.
+"""Preemption-safe, exactly resumable training, with either spelling of the quickstart run
+(the yacs config and its LazyConfig twin: one engine).
 
 End to end (train_net.py subprocesses, tiny model and data, CPU, EAPM on): a run killed
 with SIGKILL after a periodic checkpoint, or stopped by SIGTERM at an arbitrary
-iteration, or killed in the middle of writing a checkpoint, or left with a damaged last
-checkpoint, ends after --resume with weights bitwise identical to the uninterrupted run;
+iteration (exit status 75), or killed in the middle of writing a checkpoint, or left with a
+damaged last checkpoint, ends after --resume with weights bitwise identical to the
+uninterrupted run, and nothing written before the kill (checkpoints, metrics, log) is lost;
 with one process and with two (GLOO). Unit tests: the loader's index stream is
 detectron2's, its position after any batch resumes the same batches, the augmentations
 depend only on (seed, position), checkpoint files are written atomically, and a damaged
@@ -12,6 +14,7 @@ checkpoint is skipped naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -22,10 +25,23 @@ import time
 
 import pytest
 import torch
-from tests.helpers import REPO
-from tests.helpers import env, kill_group, run_train_net, tail, tiny_datasets, tiny_opts, train_net_cmd
 
-CONFIG = ["--config-file", "configs/quickstart/eapm_retinanet.yaml"]
+from tests.helpers import (
+    REPO,
+    env,
+    kill_group,
+    read_metrics,
+    run_train_net,
+    tail,
+    tiny_datasets,
+    tiny_opts,
+    train_net_cmd,
+)
+
+CONFIG = {
+    "yacs": ["--config-file", "configs/quickstart/eapm_retinanet.yaml"],
+    "lazy": ["--config-file", "configs/quickstart/eapm_retinanet.py"],
+}
 MAX_ITER = 30
 PERIOD = 10
 
@@ -33,16 +49,42 @@ PERIOD = 10
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-def _args(tmp_path, out, processes=1, **extra):
+def _lazy_opts(out, period):
+    """The LazyConfig twin of ``tiny_opts``: the tiny datasets, 2 images per iteration, one
+    loader worker, no BatchNorm in the head (one image per process with two), MAX_ITER
+    iterations with the yacs warm-up of 2 and no steps. (The images keep the config's 128 px:
+    a list element cannot be overridden on the command line.)"""
+    return [
+        "dataloader.train.dataset.names=tiny_train",
+        "dataloader.test.dataset.names=tiny_val",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=1",
+        "dataloader.test.num_workers=0",
+        "model.num_classes=2",
+        "model.head.norm=",
+        f"train.max_iter={MAX_ITER}",
+        f"train.checkpointer.period={period}",
+        f"lr_multiplier.warmup_length={2 / MAX_ITER}",
+        "lr_multiplier.scheduler.values=[1.0]",
+        "lr_multiplier.scheduler.milestones=[]",
+        f"lr_multiplier.scheduler.num_updates={MAX_ITER}",
+        f"train.output_dir={out}",
+    ]
+
+
+def _args(tmp_path, out, processes=1, spelling="yacs", period=PERIOD):
     data = tiny_datasets(str(tmp_path / "data"))
-    opts = tiny_opts(
-        str(out),
-        MAX_ITER,
-        str(tmp_path / "no_embedded"),
-        **{"SOLVER.CHECKPOINT_PERIOD": str(PERIOD), "DATALOADER.NUM_WORKERS": "1", **extra},
-    )
+    if spelling == "yacs":
+        opts = tiny_opts(
+            str(out),
+            MAX_ITER,
+            str(tmp_path / "no_embedded"),
+            **{"SOLVER.CHECKPOINT_PERIOD": str(period), "DATALOADER.NUM_WORKERS": "1"},
+        )
+    else:
+        opts = _lazy_opts(out, period)
     launcher = ["--num-gpus", str(processes), "--dist-url", "auto"] if processes > 1 else []
-    return [*launcher, *CONFIG, *data, *opts]
+    return [*launcher, *CONFIG[spelling], *data, *opts]
 
 
 def _final_weights(out):
@@ -96,55 +138,92 @@ def _finish(proc, timeout=120):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted runs' final weights, by number of processes (computed lazily)."""
+    """The uninterrupted runs' final weights, by number of processes and spelling (computed
+    lazily)."""
     cache = {}
 
-    def get(processes):
-        if processes not in cache:
-            tmp = tmp_path_factory.mktemp(f"reference{processes}")
+    def get(processes, spelling="yacs"):
+        if (processes, spelling) not in cache:
+            tmp = tmp_path_factory.mktemp(f"reference_{spelling}{processes}")
             out = tmp / "out"
-            done = run_train_net(*_args(tmp, out, processes), timeout=300)
+            done = run_train_net(*_args(tmp, out, processes, spelling), timeout=300)
             assert done.returncode == 0, tail(done)
-            cache[processes] = _final_weights(out)
-        return cache[processes]
+            cache[processes, spelling] = _final_weights(out)
+        return cache[processes, spelling]
 
     return get
 
 
-def _resume(tmp_path, out, processes):
-    done = run_train_net("--resume", *_args(tmp_path, out, processes), timeout=300)
+def _resume(tmp_path, out, processes, spelling="yacs"):
+    done = run_train_net("--resume", *_args(tmp_path, out, processes, spelling), timeout=300)
     assert done.returncode == 0, tail(done)
     return (out / "log.txt").read_text()
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _metrics_has(out, it):
+    try:
+        return any(m.get("iteration") == it for m in read_metrics(str(out)))
+    except ValueError:  # a line being written
+        return False
 
 
 # ---------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("spelling,processes", [("yacs", 1), ("yacs", 2), ("lazy", 1)])
 def test_sigkill_after_periodic_checkpoint_then_resume_is_bitwise_identical(
-    tmp_path, reference, processes
+    tmp_path, reference, spelling, processes
 ):
+    """SIGKILL right after the second periodic checkpoint (iteration 19, when detectron2's
+    writer has also written the metrics of iteration 19), --resume: it continues from that
+    checkpoint to the end (final model and evaluation), nothing written before the kill is
+    lost (checkpoints unchanged; metrics.json and log.txt appended to), and the final weights
+    are bitwise those of the uninterrupted run."""
     out = tmp_path / "out"
-    proc = _start(_args(tmp_path, out, processes))
-    reached = _wait_for(proc, lambda: _last_checkpoint(out) == f"model_{PERIOD - 1:07d}.pth")
+    target = f"model_{2 * PERIOD - 1:07d}.pth"
+    proc = _start(_args(tmp_path, out, processes, spelling))
+    reached = _wait_for(
+        proc, lambda: _last_checkpoint(out) == target and _metrics_has(out, 2 * PERIOD - 1)
+    )
     kill_group(proc)
     assert reached, "no periodic checkpoint in time:\n" + proc.stderr.read()[-3000:]
-    killed_at = int(_last_checkpoint(out)[6:13])
-    assert killed_at < MAX_ITER - 1 and not (out / "model_final.pth").exists()
-    log = _resume(tmp_path, out, processes)
-    assert f"Starting training from iteration {killed_at + 1}" in log
-    _assert_bitwise_equal(_final_weights(out), reference(processes))
+    assert proc.returncode == -signal.SIGKILL
+    # (a checkpoint being written at the kill is incomplete and not named in last_checkpoint)
+    assert _last_checkpoint(out) == target and not (out / "model_final.pth").exists()
+    before = {p.name: _md5(p) for p in out.glob("model_0*.pth") if p.name <= target}
+    assert set(before) == {f"model_{PERIOD - 1:07d}.pth", target}
+    metrics_before = (out / "metrics.json").read_text()
+    log_before = (out / "log.txt").read_text()
+
+    log = _resume(tmp_path, out, processes, spelling)
+    assert f"Loading from {out / target}" in log
+    assert f"Starting training from iteration {2 * PERIOD}" in log
+    assert torch.load(out / "model_final.pth", map_location="cpu")["iteration"] == MAX_ITER - 1
+    assert list(out.glob("inference/**/coco_instances_results.json"))
+    for name, digest in before.items():
+        assert _md5(out / name) == digest, name
+    assert (out / "metrics.json").read_text().startswith(metrics_before)
+    assert log.startswith(log_before)
+    metrics = read_metrics(str(out))
+    its = [m["iteration"] for m in metrics if "total_loss" in m]
+    assert 2 * PERIOD - 1 in its and its[-1] == MAX_ITER - 1 and its == sorted(its)
+    assert "bbox/AP" in metrics[-1]  # the final evaluation
+    _assert_bitwise_equal(_final_weights(out), reference(processes, spelling))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("spelling,processes", [("yacs", 1), ("yacs", 2), ("lazy", 1), ("lazy", 2)])
 def test_sigterm_at_an_arbitrary_iteration_checkpoints_exits_75_and_resumes_exactly(
-    tmp_path, reference, processes
+    tmp_path, reference, spelling, processes
 ):
     out = tmp_path / "out"
     # no periodic checkpoint anywhere near: the signal's checkpoint is the only one
-    args = _args(tmp_path, out, processes, **{"SOLVER.CHECKPOINT_PERIOD": "1000"})
+    args = _args(tmp_path, out, processes, spelling, period=1000)
     proc = _start(args)
     # some iterations in (detectron2 logs iteration 19), at whichever iteration is running
     started = _wait_for(proc, lambda: " iter: 19 " in _log(out))
@@ -160,9 +239,9 @@ def test_sigterm_at_an_arbitrary_iteration_checkpoints_exits_75_and_resumes_exac
     assert 19 <= stopped_at < MAX_ITER - 1 and not (out / "model_final.pth").exists()
     assert "Received SIGTERM: checkpointing after this iteration" in _log(out)
     assert torch.load(out / name, map_location="cpu")["iteration"] == stopped_at
-    log = _resume(tmp_path, out, processes)
+    log = _resume(tmp_path, out, processes, spelling)
     assert f"Starting training from iteration {stopped_at + 1}" in log
-    _assert_bitwise_equal(_final_weights(out), reference(processes))
+    _assert_bitwise_equal(_final_weights(out), reference(processes, spelling))
 
 
 def _log(out):
@@ -274,6 +353,47 @@ def test_state_after_any_batch_resumes_the_same_batches(buckets):
     if buckets:
         for batch in full:
             assert len({buckets[i] for i, _, _ in batch}) == 1  # one aspect group per batch
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_regroup_for_another_process_count_continues_the_stream(new_world):
+    """A resume state of 2 processes (aspect-ratio buckets: they took different numbers of
+    stream elements) loaded by ``new_world`` processes: the normalisers' mean, no bucket
+    carried over, and the new processes together take the stream from the element after the
+    furthest one any saved process took, each element once, without a gap."""
+    from eapm.data.resumable import ResumableBatchSampler
+    from eapm.engine.hooks import _regroup
+
+    buckets = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
+
+    def sampler(rank, world, bucket_of=buckets):
+        return ResumableBatchSampler(
+            11, 2, seed=4, rank=rank, world_size=world, bucket_of=bucket_of
+        )
+
+    ranks = []
+    for rank, normalizer in ((0, 10.0), (1, 30.0)):
+        s = sampler(rank, 2)
+        _take(iter(s), 5)
+        ranks.append({"loss_normalizers": {"": normalizer}, "loader": s.state_after(3)})
+    saved = {"world_size": 2, "ranks": ranks}
+    used = {r + j * 2 for r in (0, 1) for j in range(ranks[r]["loader"]["next"])}
+    assert ranks[0]["loader"]["next"] != ranks[1]["loader"]["next"]  # buckets differ
+    end = max(used) + 1
+
+    taken = []
+    for rank in range(new_world):
+        normalizers, loader = _regroup(saved, new_world, rank)
+        assert normalizers == {"": 20.0}
+        assert loader["seed"] == 4 and loader["buckets"] == [[], []]
+        s = sampler(rank, new_world, None)  # one bucket: consecutive elements form a batch
+        s.load_state_dict({**loader, "buckets": [[]]})
+        taken += [pos for batch in _take(iter(s), 3) for _, pos, _ in batch]
+    assert sorted(taken) == list(range(end, end + 6 * new_world))
+
+    # a saved process without a resumable loader: no loader position for anyone
+    ranks[1] = {**ranks[1], "loader": None}
+    assert _regroup(saved, new_world, 0)[1] is None
 
 
 def test_augmentations_depend_only_on_seed_and_position():

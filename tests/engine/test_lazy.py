@@ -10,9 +10,9 @@ import re
 
 import pytest
 import torch
-from tests.helpers import REPO, make_batch, tiny_cfg
 
 from eapm.utils.testing import tiny_lazy_cfg
+from tests.helpers import REPO, make_batch, tiny_cfg
 
 # (LazyConfig, its yacs twin, the yacs key of the number of classes, its lazy key)
 RETINA = ("MODEL.RETINANET.NUM_CLASSES", "model.num_classes")
@@ -76,7 +76,7 @@ def test_lazy_config_equals_yacs(name, keys, storage):
 def test_lazy_quickstart_trains_and_evaluates(tmp_path):
     """train_net.py with the .py quickstart on a tiny COCO-json dataset: checkpoints, COCO AP,
     then --eval-only of the final checkpoint and --resume of a finished run."""
-    from tinycoco import run_train_net, tail, tiny_datasets
+    from tests.helpers import run_train_net, tail, tiny_datasets
 
     out = tmp_path / "out"
     common = [
