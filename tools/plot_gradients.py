@@ -13,11 +13,16 @@ Writes to --out:
                                  |t_j| + |t*_j| = 1.5, and the EAPM / balanced L1 gradient
                                  ratio against the shape variation |t_j| + |t*_j| at a
                                  fixed error (Fig. 4 analogue)
+  eapm_cross_entropy_gradient.png    |dL/dx_y| (the target class's logit) against p_y for
+                                 softmax cross entropy and EAPM cross entropy (mu 1.0 / 1.5 /
+                                 2.0), and the ratio EAPM / cross entropy (the Fig. 3 analogue
+                                 for R-CNN box classification: it is MF(1 - p_y) / (1 - p_y))
   properties.json / properties.txt   the numbers behind the paper's qualitative claims
 
 No formula is re-typed here: every curve is ``torch.autograd.grad`` of
 ``eapm.losses.{sigmoid_focal_loss, eapm_sigmoid_focal_loss, balanced_l1_loss,
-eapm_balanced_l1_loss}`` or ``torch.nn.functional.smooth_l1_loss``, in float64.
+eapm_balanced_l1_loss, eapm_cross_entropy}`` or ``torch.nn.functional.smooth_l1_loss``, in
+float64.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from eapm.losses import (
     balanced_l1_loss,
     difficulty,
     eapm_balanced_l1_loss,
+    eapm_cross_entropy,
     eapm_sigmoid_focal_loss,
     gap_over_sum,
     modulating_factor,
@@ -49,6 +55,8 @@ SMOOTH_L1_BETA = 1.0
 SHAPE_SUM = 1.5  # |t_j| + |t*_j| of the paper's Fig. 4
 FIXED_ERROR = 0.3  # |d| of the shape-variation panel
 DTYPE = torch.float64
+CE_MUS = (0.0,) + MUS  # the cross-entropy figure: mu 0 is the softmax cross entropy
+CE_CLASSES = 81  # COCO's 80 classes + background, as detectron2's box predictor
 
 # thresholds of the claims (see properties.txt)
 EASY_DIF, HARD_DIF = 0.05, 0.95
@@ -116,6 +124,22 @@ def reg_grad(error: torch.Tensor, shape_sum: float, kind: str, theta: float = 0.
     else:
         raise ValueError(kind)
     return _grad_of(fn, t)[:, 2].abs()
+
+
+def ce_input(p_y: torch.Tensor, num_classes: int = CE_CLASSES):
+    """(N, C) logits whose softmax gives the target class 0 the probability ``p_y`` (the
+    rest spread evenly over the other classes) and the labels (all 0). The gradient w.r.t.
+    the target logit depends on p_y only."""
+    rest = ((1.0 - p_y) / (num_classes - 1)).unsqueeze(1).expand(-1, num_classes - 1)
+    x = torch.cat([p_y.unsqueeze(1), rest], 1).log()
+    return x, torch.zeros(p_y.numel(), dtype=torch.long)
+
+
+def ce_grad(p_y: torch.Tensor, mu: float) -> torch.Tensor:
+    """|dL/dx_y| of EAPM cross entropy (mu = 0: softmax cross entropy, F.cross_entropy) at
+    target-class probabilities ``p_y``, w.r.t. the target class's logit."""
+    x, y = ce_input(p_y)
+    return _grad_of(lambda z: eapm_cross_entropy(z, y, mu, reduction="sum"), x)[:, 0].abs()
 
 
 # ----------------------------------------------------------------------------
@@ -391,6 +415,48 @@ def plot_regression(path: str) -> None:
     plt.close(fig)
 
 
+def plot_cross_entropy(path: str) -> None:
+    """The Fig. 3 analogue for EAPM cross entropy (R-CNN box classification)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p_y = 1.0 - dif_grid()  # p_y in (0, 1), endpoints excluded
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
+    ce = ce_grad(p_y, 0.0)
+    for mu in CE_MUS:
+        g = ce if mu == 0 else ce_grad(p_y, mu)
+        label = "cross entropy (mu = 0)" if mu == 0 else f"EAPM, mu = {mu:g}"
+        color = COLORS[None if mu == 0 else mu]
+        axes[0].plot(p_y, g, color=color, lw=2 if mu == 0 else 1.5, label=label)
+        if mu > 0:
+            axes[1].plot(p_y, g / ce, color=color, label=f"mu = {mu:g}")
+    ax = axes[0]
+    ax.set_title("|dL/dx_y| = MF (1 - p_y)")
+    ax.set_xlabel("p_y (probability of the labelled class)")
+    ax.set_ylabel("|dL/dx_y|")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax = axes[1]
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_title("ratio EAPM / cross entropy (= MF)")
+    ax.set_xlabel("p_y")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(
+        f"EAPM with softmax cross entropy ({CE_CLASSES} classes; Dif = 1 - p_y): gradient w.r.t. "
+        "the labelled class's logit",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------
@@ -453,7 +519,11 @@ def compute_properties(alpha: float = -1.0) -> Dict:
     return {"focal": focal, "regression": reg, "claims": claims(focal, reg)}
 
 
-FIGURES = ("eapm_focal_gradient.png", "eapm_balanced_l1_gradient.png")
+FIGURES = (
+    "eapm_focal_gradient.png",
+    "eapm_balanced_l1_gradient.png",
+    "eapm_cross_entropy_gradient.png",
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -474,6 +544,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if not args.no_plots:
         plot_focal(os.path.join(args.out, FIGURES[0]), args.alpha)
         plot_regression(os.path.join(args.out, FIGURES[1]))
+        plot_cross_entropy(os.path.join(args.out, FIGURES[2]))
     with open(os.path.join(args.out, "properties.json"), "w") as fh:
         json.dump(props, fh, indent=1)
     report = format_report(props)

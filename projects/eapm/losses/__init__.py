@@ -15,6 +15,12 @@ Map of the package (every name below is importable from ``eapm.losses``):
   ``eapm_focal_loss_sum_with_stats`` (one fused kernel).
 * ``balanced_l1`` ``balanced_l1_loss``, ``eapm_balanced_l1_loss``,
   ``check_balanced_l1_params`` (one fused kernel).
+* ``cross_entropy`` ``eapm_cross_entropy`` (softmax, R-CNN box classification),
+  ``eapm_ce_stats`` (its Dif and MF, for histograms), ``eapm_binary_cross_entropy_with_logits``
+  (RPN objectness); ``mu == 0`` is the torch function itself.
+* ``general``     the paper's recipe around any base loss: attributes ``dif``, ``gos``, the
+  factor ``tanh_factor``, ``modulate_prediction`` (the straight-through modulated
+  prediction) and ``eapm_loss`` (a base loss -> its EAPM version); ``LINKS``.
 * ``ghm``         ``GHMC``, ``GHMR``, ``check_ghm_params``, ``ghm_bin_index`` (Li, Liu, Wang,
   AAAI 2019).
 
@@ -25,7 +31,7 @@ loss's gradient evaluated at the modulated point:
     dL/dx|_{x0}  ->  dL/dx|_{x0'},   x0' = logit(p* + MF * (p0 - p*))
     dL/dt|_{t0}  ->  dL/dt|_{t0'},   t0' = t* + MF * (t0 - t*)
 
-The modulating factor MF is not differentiated. Both EAPM losses are custom autograd
+The modulating factor MF is not differentiated. The fused EAPM losses are custom autograd
 functions whose forward computes the value *and* the closed-form gradient in one pass (the
 backward is one multiply), always in float32 or wider, whatever the input dtype or autocast
 state.
@@ -33,12 +39,14 @@ state.
 
 from .attributes import check_eapm_param, difficulty, gap_over_sum, modulating_factor
 from .balanced_l1 import balanced_l1_loss, check_balanced_l1_params, eapm_balanced_l1_loss
+from .cross_entropy import eapm_binary_cross_entropy_with_logits, eapm_ce_stats, eapm_cross_entropy
 from .focal import (
     eapm_focal_loss_sum_with_stats,
     eapm_focal_terms,
     eapm_sigmoid_focal_loss,
     sigmoid_focal_loss,
 )
+from .general import LINKS, dif, eapm_loss, gos, modulate_prediction, tanh_factor
 from .ghm import GHMC, GHMR, check_ghm_params, ghm_bin_index
 from .runtime import clear_compiled_kernels, compiled_kernel_state
 
@@ -63,4 +71,13 @@ __all__ = [
     "GHMR",
     "clear_compiled_kernels",
     "compiled_kernel_state",
+    "eapm_cross_entropy",
+    "eapm_ce_stats",
+    "eapm_binary_cross_entropy_with_logits",
+    "LINKS",
+    "dif",
+    "gos",
+    "tanh_factor",
+    "modulate_prediction",
+    "eapm_loss",
 ]

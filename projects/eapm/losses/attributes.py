@@ -57,3 +57,35 @@ def modulating_factor(attribute: Tensor, strength: float) -> Tensor:
     (regression). MF == 1 for s == 0; MF in [1, 1 + tanh(s)] for attributes in [0, 1]."""
     strength = check_eapm_param(strength, "strength")
     return 1.0 + math.tanh(strength) - torch.tanh(strength * attribute)
+
+
+# ----------------------------------------------------------------------------
+# the tanh factor in a cancellation-free form (shared by the focal and cross-entropy kernels)
+# ----------------------------------------------------------------------------
+def _expm1c(z: Tensor) -> Tensor:
+    """(1 - exp(-z)) / z for z >= 0 (= 1 at z = 0), accurate for tiny z: a Taylor
+    polynomial below z = 0.1 (truncation error < z^5/720 < 2e-8) when compiled: not
+    torch.expm1 near 0 there, as torch.compile's vectorised CPU expm1 (torch 2.3) loses
+    all precision for tiny arguments. Eager torch.expm1 is exact."""
+    if not torch.compiler.is_compiling():  # eager: torch.expm1 is exact, and fewer ops
+        eps = torch.finfo(z.dtype).eps  # below it, 1 - z/2 + ... rounds to 1
+        return z.neg().expm1_().div_(z.clamp_min(eps)).neg_().masked_fill_(z <= eps, 1.0)
+    zl = z.clamp_min(0.1)
+    poly = 1.0 + z * (-1.0 / 2 + z * (1.0 / 6 + z * (-1.0 / 24 + z * (1.0 / 120))))
+    return torch.where(z < 0.1, poly, -torch.expm1(-zl) / zl)
+
+
+def _tanh_factor_excess_over_u(e: Tensor, u: Tensor, mu: float) -> Tensor:
+    """``(MF - 1) / u`` of the tanh factor MF = 1 + tanh(mu) - tanh(mu e), for an error
+    ``e`` in [0, 1] and ``u = 1 - e`` (both given to full relative accuracy), mu > 0:
+
+        MF - 1 = tanh(mu) - tanh(mu e) = sinh(mu u) / (cosh(mu) cosh(mu e)) = u * r,
+        r = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e))),
+
+    only exponentials of non-positive arguments (no overflow for any mu). Then
+    ``1 - MF e = u (1 - e r)`` with ``e r`` in [0, mu sech^2(mu)] (<= 0.45): the modulated
+    complement ``1 - e'`` is formed without cancellation. Returns r, a fresh tensor."""
+    q = e.mul(-2.0 * mu).exp_()
+    r_over_u = _expm1c(u.mul(2.0 * mu)).mul_(q).mul_(4.0 * mu / (1.0 + math.exp(-2.0 * mu)))
+    r_over_u.div_(q.add_(1.0))
+    return r_over_u

@@ -32,7 +32,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .attributes import check_eapm_param
+from .attributes import _tanh_factor_excess_over_u, check_eapm_param
 from .runtime import _attach, _check_reduction, _kernel, _reduce_mean, _run_kernel, _to_float
 
 __all__ = [
@@ -41,19 +41,6 @@ __all__ = [
     "eapm_focal_terms",
     "eapm_focal_loss_sum_with_stats",
 ]
-
-
-def _expm1c(z: Tensor) -> Tensor:
-    """(1 - exp(-z)) / z for z >= 0 (= 1 at z = 0), accurate for tiny z: a Taylor
-    polynomial below z = 0.1 (truncation error < z^5/720 < 2e-8) when compiled: not
-    torch.expm1 near 0 there, as torch.compile's vectorised CPU expm1 (torch 2.3) loses
-    all precision for tiny arguments. Eager torch.expm1 is exact."""
-    if not torch.compiler.is_compiling():  # eager: torch.expm1 is exact, and fewer ops
-        eps = torch.finfo(z.dtype).eps  # below it, 1 - z/2 + ... rounds to 1
-        return z.neg().expm1_().div_(z.clamp_min(eps)).neg_().masked_fill_(z <= eps, 1.0)
-    zl = z.clamp_min(0.1)
-    poly = 1.0 + z * (-1.0 / 2 + z * (1.0 / 6 + z * (-1.0 / 24 + z * (1.0 / 120))))
-    return torch.where(z < 0.1, poly, -torch.expm1(-zl) / zl)
 
 
 @_kernel
@@ -76,12 +63,8 @@ def _focal_terms(
     u = torch.sigmoid(s.neg())
     log_u = torch.nn.functional.softplus(s, threshold=40.0).neg_()  # exact to rounding above 40
     if mu > 0:
-        # r/u with r = tanh(mu) - tanh(mu e) = MF - 1 = sinh(mu u) / (cosh(mu) cosh(mu e)),
-        # written with exponentials of non-positive arguments only (no overflow for any mu):
-        # r/u = 4 mu exp(-2 mu e) expm1c(2 mu u) / ((1 + exp(-2 mu)) (1 + exp(-2 mu e)))
-        q = e.mul(-2.0 * mu).exp_()
-        r_over_u = _expm1c(u.mul(2.0 * mu)).mul_(q).mul_(4.0 * mu / (1.0 + math.exp(-2.0 * mu)))
-        r_over_u.div_(q.add_(1.0))
+        # r/u with r = tanh(mu) - tanh(mu e) = MF - 1 (see _tanh_factor_excess_over_u)
+        r_over_u = _tanh_factor_excess_over_u(e, u, mu)
         mf = u.mul(r_over_u).add_(1.0)
         e_mod = e.mul(mf).clamp_(max=1.0)
         er = r_over_u.mul_(e).clamp_(max=1.0)  # e r, in [0, mu sech^2 mu] <= 0.45

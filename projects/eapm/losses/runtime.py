@@ -55,7 +55,7 @@ def _reduce_mean(summed: Tensor, numel: int) -> Tensor:
 # ----------------------------------------------------------------------------
 class _ClosedForm(torch.autograd.Function):
     """Returns a precomputed value; its backward multiplies the precomputed
-    gradient. Used by both EAPM losses (the gradient at the modulated point is
+    gradient. Used by the EAPM losses (the gradient at the modulated point is
     known in closed form)."""
 
     @staticmethod
@@ -69,10 +69,16 @@ class _ClosedForm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
+        if 0 < grad_out.dim() < grad.dim():  # one value per row of grad (cross entropy)
+            grad_out = grad_out.reshape(grad_out.shape + (1,) * (grad.dim() - grad_out.dim()))
         return (grad_out * grad).to(ctx.input_dtype), None, None
 
 
 def _attach(input: Tensor, value: Tensor, grad: Tensor) -> Tensor:
+    """``value`` (detached) with the backward ``d value / d input := grad``: ``grad`` has
+    ``input``'s shape; ``value`` is a scalar (the sum: grad is its gradient), of
+    ``input``'s shape (elementwise), or of the leading shape of ``input`` (one value per
+    row: grad row i is the gradient of value i). The gradient is cast to input's dtype."""
     if not (torch.is_grad_enabled() and input.requires_grad):
         return value
     return _ClosedForm.apply(input, value.detach(), grad.detach())
