@@ -16,3 +16,18 @@ def storage():
 
     with EventStorage(0) as s:
         yield s
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _dataset_check_cache(tmp_path_factory):
+    """The dataset checks' cache (``eapm.data``) in a temporary folder, not the user's
+    ``~/.cache/eapm``; subprocesses inherit it through the environment."""
+    import os
+
+    old = os.environ.get("EAPM_CACHE")
+    os.environ["EAPM_CACHE"] = str(tmp_path_factory.mktemp("eapm_cache"))
+    yield
+    if old is None:
+        os.environ.pop("EAPM_CACHE", None)
+    else:
+        os.environ["EAPM_CACHE"] = old
