@@ -123,7 +123,11 @@ def test_plot_gradients_writes_figures_and_the_properties_hold(tmp_path):
 
 
 def test_committed_figures_are_small_pngs():
-    for name in ("eapm_focal_gradient.png", "eapm_balanced_l1_gradient.png"):
+    for name in (
+        "eapm_focal_gradient.png",
+        "eapm_balanced_l1_gradient.png",
+        "eapm_cross_entropy_gradient.png",
+    ):
         path = os.path.join(REPO, "docs", "figures", name)
         assert os.path.isfile(
             path
