@@ -44,6 +44,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from omegaconf import ListConfig
 
 from .checkpoint import EAPMCheckpointer
 from .data import register_coco_json, register_embedded
@@ -149,7 +150,14 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``cfg.optimizer`` for ``model``, clipping as ``train.clip_gradients`` says (the yacs
     path's ``eapm.engine.clip_gradients``). Raises its ``ValueError``."""
     cfg.optimizer.params.model = model
-    return clip_gradients(instantiate(cfg.optimizer), **_clip_kwargs(cfg))
+    optimizer = instantiate(cfg.optimizer)
+    # instantiate passes list arguments (AdamW's betas) as omegaconf ListConfigs: plain
+    # tuples as on the yacs path, so that checkpoints hold data only
+    for group in [optimizer.defaults, *optimizer.param_groups]:
+        for key, value in group.items():
+            if isinstance(value, ListConfig):
+                group[key] = tuple(value)
+    return clip_gradients(optimizer, **_clip_kwargs(cfg))
 
 
 def do_test(cfg, model) -> Dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,12 @@ def test_yacs_and_lazy_quickstart_train_bitwise_the_same_weights(tiny_train, tmp
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    # and the same optimizer state (AdamW's moments, the same groups and hyper-parameters)
+    oa, ob = yacs.optimizer.state_dict(), lazy.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i, s in oa["state"].items():
+        assert all(torch.equal(s[k], ob["state"][i][k]) for k in s)
     # they trained: the weights moved away from the initialisation
     assert not torch.equal(init["head.cls_score.weight"], a["head.cls_score.weight"])
 
@@ -121,8 +128,6 @@ def _snapshot(trainer):
     """This process's random generators, the model's EMA loss normaliser and the loader
     position after the trainer's current iteration."""
     import random
-
-    import numpy as np
 
     sampler = trainer.data_loader.batch_sampler
     n = trainer.iter - trainer.start_iter
@@ -194,11 +199,15 @@ def test_trainer_state_saved_and_restored_in_process(tiny_train, tmp_path, spell
     a.register_hooks([Record()])
     batches_a = _record_batches(a)
     train(a)
-    ckpt = torch.load(tmp_path / "a" / "model_0000001.pth", map_location="cpu")
+    # data only: tensors, numbers, strings and containers
+    ckpt = torch.load(tmp_path / "a" / "model_0000001.pth", map_location="cpu", weights_only=True)
     state = ckpt["trainer"]["hooks"]["ResumeState"]
     assert state["world_size"] == 1 and state["ranks"][0]["loader"]["next"] == 4
-    if spelling == "yacs_old_checkpoint":
+    if spelling == "yacs_old_checkpoint":  # the trainer's entry, NumPy's keys an array
         ckpt["trainer"]["eapm_resume"] = ckpt["trainer"]["hooks"].pop("ResumeState")
+        rng = ckpt["trainer"]["eapm_resume"]["ranks"][0]["rng"]
+        name, keys, *rest = rng["numpy"]
+        rng["numpy"] = (name, keys.numpy().astype(np.uint32), *rest)
     (tmp_path / "b").mkdir()
     torch.save(ckpt, tmp_path / "b" / "model_0000001.pth")
     (tmp_path / "b" / "last_checkpoint").write_text("model_0000001.pth")
