@@ -373,8 +373,8 @@ def test_eapm_retinanet_under_bf16_autocast(one_thread):
     1x1 input, and for a bf16 convolution whose input is 1 px wide with stride 2 the
     backward-weights kernel of oneDNN 3.3.6 (torch 2.3.1, AVX-512 CPUs: ``jit_bf16:
     avx512_core_bf16``) leaves the padding columns' weight gradients uninitialised: P7's
-    gradient then held whatever the allocator's memory held (non-finite in some test
-    orders). At 128 px every stride-2 convolution sees at least 2 px."""
+    gradient then held whatever memory oneDNN read (non-finite in some runs, whatever the
+    test order or seed). At 128 px every stride-2 convolution sees at least 2 px."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
