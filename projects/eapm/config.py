@@ -193,6 +193,14 @@ def add_eapm_config(cfg: CN) -> CN:
     # be used in DATASETS.TRAIN / DATASETS.TEST. Also from the command line:
     #   DATASETS.COCO_JSON "[['mine_train', 'a.json', 'imgs/']]"
     _C.DATASETS.COCO_JSON = []
+    # how the images of the DATASETS.COCO_JSON datasets a run uses (DATASETS.TRAIN / TEST)
+    # are checked before the model is built (eapm.data; cached per json file in $EAPM_CACHE
+    # or ~/.cache/eapm): "decode" (every image fully decoded: also finds truncated / corrupt
+    # files), "header" (exists, opens, size matches the json's: a few KB read per image),
+    # "exists" (one stat per image)
+    _C.DATASETS.CHECK_IMAGES = "decode"
+    # threads of those checks (integer >= 0; 0 = one per CPU, at most 32)
+    _C.DATASETS.CHECK_WORKERS = 0
     # where the embedded (generated) dataset lives; "" = $EAPM_DATASETS or ./datasets/eapm_shapes
     _C.DATASETS.EMBEDDED_ROOT = ""
     return cfg

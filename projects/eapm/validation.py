@@ -20,6 +20,7 @@ asks the registered classes); nothing below it imports it. ``validate_config`` r
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -36,6 +37,8 @@ from detectron2.modeling import (
 from . import modeling  # noqa: F401  (registers the classes asked below)
 from .capabilities import DenseHeadNorm, SupportsEAPMBalancedL1, SupportsEAPMFocal, SupportsGHM
 from .config import add_eapm_config
+from .data.image_check import LEVELS
+from .engine.solver import CLIP_TYPES
 
 __all__ = ["load_config", "validate_config"]
 
@@ -133,6 +136,10 @@ _CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGC
 _OPTIMIZERS = ("SGD", "ADAMW")
 
 
+def _is_positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def _validate_trainer_keys(cfg: CN) -> None:
     opt = cfg.SOLVER.OPTIMIZER
     _require(opt in _OPTIMIZERS, "SOLVER.OPTIMIZER", f"must be one of {_OPTIMIZERS}", opt)
@@ -156,6 +163,30 @@ def _validate_trainer_keys(cfg: CN) -> None:
         "DATALOADER.EXACT_RESUME True implements 'TrainingSampler' only (set EXACT_RESUME False "
         "for detectron2's other samplers)",
         cfg.DATALOADER.SAMPLER_TRAIN,
+    )
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED:
+        _require(
+            clip.CLIP_TYPE in CLIP_TYPES,
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+            f'must be one of {CLIP_TYPES} ("full_model": one norm over all parameters, as '
+            'mmdetection; "norm": detectron2\'s norm of each parameter tensor)',
+            clip.CLIP_TYPE,
+        )
+        _require(
+            _is_positive_number(clip.CLIP_VALUE),
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+            "must be a finite number > 0",
+            clip.CLIP_VALUE,
+        )
+    level = cfg.DATASETS.CHECK_IMAGES
+    _require(level in LEVELS, "DATASETS.CHECK_IMAGES", f"must be one of {tuple(LEVELS)}", level)
+    workers = cfg.DATASETS.CHECK_WORKERS
+    _require(
+        isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0,
+        "DATASETS.CHECK_WORKERS",
+        "must be an integer >= 0",
+        workers,
     )
     for i, entry in enumerate(cfg.DATASETS.COCO_JSON):
         _require(

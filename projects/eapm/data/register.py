@@ -168,8 +168,8 @@ def register_from_config(cfg) -> None:
 
     Raises ``DatasetError`` / ``DatasetFileNotFoundError`` naming the dataset, file and id."""
     register_embedded(cfg.DATASETS.EMBEDDED_ROOT or None)
-    level = cfg.DATASETS.get("CHECK_IMAGES", "decode")
-    workers = cfg.DATASETS.get("CHECK_WORKERS", 0)
+    level = cfg.DATASETS.CHECK_IMAGES
+    workers = cfg.DATASETS.CHECK_WORKERS
     used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
     for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
         register_coco_json(
