@@ -34,7 +34,13 @@ from detectron2.utils import comm
 
 from ..data.resumable import ResumableBatchSampler
 
-__all__ = ["Preempted", "PreemptibleCheckpointer", "ResumeState", "preemption_signals"]
+__all__ = [
+    "Preempted",
+    "PreemptibleCheckpointer",
+    "ResumeState",
+    "close_train_loader",
+    "preemption_signals",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +68,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _inner(trainer):
-    """The trainer that owns the data loader: DefaultTrainer runs a SimpleTrainer."""
-    return getattr(trainer, "_trainer", trainer)
+def close_train_loader(trainer) -> None:
+    """Shuts the training loader's iterator (and its worker processes) of a detectron2
+    trainer down now; a later iteration would start a new one."""
+    inner = getattr(trainer, "_trainer", trainer)  # DefaultTrainer runs a SimpleTrainer
+    loader = inner.data_loader
+    inner.reset_data_loader(lambda: loader)  # drops the iterator: its workers stop
 
 
 def _rng_state() -> dict:
@@ -264,9 +273,7 @@ class PreemptibleCheckpointer(hooks.PeriodicCheckpointer):
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def after_train(self):
-        inner = _inner(self.trainer)
-        loader = inner.data_loader
-        inner.reset_data_loader(lambda: loader)  # drops the iterator: its workers stop
+        close_train_loader(self.trainer)
         if self.requested is None:  # once preempted, later signals must not kill the exit
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)

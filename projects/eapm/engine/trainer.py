@@ -18,7 +18,7 @@ from detectron2.evaluation import COCOEvaluator
 from ..checkpoint import EAPMCheckpointer
 from ..data import register_from_config
 from ..data.resumable import build_resumable_train_loader
-from .hooks import PreemptibleCheckpointer, ResumeState
+from .hooks import PreemptibleCheckpointer, ResumeState, close_train_loader
 from .launch import create_ddp_model
 from .solver import build_optimizer
 
@@ -93,6 +93,11 @@ class EAPMTrainer(DefaultTrainer):
         at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
         ret[at:at] = [resume_state, checkpointer]
         return ret
+
+    def close_train_loader(self) -> None:
+        """Shuts the training loader's iterator (and its worker processes) down now; a
+        later iteration would start a new one (``eapm.engine.hooks.close_train_loader``)."""
+        close_train_loader(self)
 
     def load_state_dict(self, state_dict):
         # checkpoints of earlier versions hold the resume state as the trainer's "eapm_resume"
