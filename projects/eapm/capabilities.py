@@ -24,6 +24,8 @@ __all__ = [
     "DeclaresConfigChecks",
     "SupportsEAPMFocal",
     "SupportsEAPMBalancedL1",
+    "SupportsEAPMSoftmaxCE",
+    "SupportsEAPMObjectness",
     "SupportsGHM",
     "DenseHeadNorm",
 ]
@@ -73,6 +75,30 @@ class SupportsEAPMBalancedL1:
                 f"EAPM regression (MODEL.EAPM.REG.ENABLED, theta {eapm_reg_theta}) needs the "
                 f"'balanced_l1' box loss ({cls.box_loss_key}), got {box_loss_type!r}"
             )
+
+
+class SupportsEAPMSoftmaxCE:
+    """Mixin of the ROI heads (and their box predictors) whose softmax box classification loss
+    can be EAPM cross entropy (``eapm.losses.eapm_cross_entropy``): for an R-CNN model they
+    honour ``MODEL.EAPM.CLS.*``, in every box predictor they have (every cascade stage)."""
+
+    @classmethod
+    def check_cls_loss(cls, use_sigmoid_ce: bool, eapm_cls_mu: float) -> None:
+        """Raise ``ValueError`` if EAPM cross entropy (``eapm_cls_mu > 0``) is asked of a box
+        predictor whose classification is per-class sigmoid (``use_sigmoid_ce`` True,
+        ``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE``): EAPM modulates the softmax cross entropy."""
+        if use_sigmoid_ce and eapm_cls_mu > 0:
+            raise ValueError(
+                "EAPM cross entropy (MODEL.EAPM.CLS.ENABLED, mu "
+                f"{eapm_cls_mu}) modulates the softmax classification: it needs use_sigmoid_ce "
+                "False (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE)"
+            )
+
+
+class SupportsEAPMObjectness:
+    """Mixin of the proposal generators (RPNs) whose objectness loss can be EAPM binary cross
+    entropy (``eapm.losses.eapm_binary_cross_entropy_with_logits``): they honour
+    ``MODEL.EAPM.RPN.*``."""
 
 
 class SupportsGHM:

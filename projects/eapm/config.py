@@ -23,12 +23,17 @@ def add_eapm_config(cfg: CN) -> CN:
     # ---------------------------------------------------------------- EAPM
     _C.MODEL.EAPM = CN()
     _C.MODEL.EAPM.CLS = CN()
-    # EAPM with focal loss on the classification branch of dense detectors
-    # (RetinaNet, Libra RetinaNet, FCOS). False = plain focal loss.
+    # EAPM on the classification loss. Dense detectors (RetinaNet, Libra RetinaNet, FCOS):
+    # EAPM focal loss; False = plain focal loss. R-CNN models (MODEL.META_ARCHITECTURE
+    # "GeneralizedRCNN"): EAPM softmax cross entropy in the ROI box predictor (every stage of a
+    # cascade), with MODEL.ROI_HEADS.NAME "EAPMROIHeads", "EAPMCascadeROIHeads" or
+    # "LibraROIHeads" (detectron2's ROI heads cannot: an error); False = detectron2's cross
+    # entropy. The RPN's objectness is switched separately (MODEL.EAPM.RPN).
     _C.MODEL.EAPM.CLS.ENABLED = False
-    # mu >= 0 of MF_cls = 1 + tanh(mu) - tanh(mu * Dif), Dif = |p - p*|.
-    # The paper's best value is 1.5; mu = 0 is exactly the focal loss, and is computed as
-    # with ENABLED False (detectron2's focal loss): 0 is the one way to say "off".
+    # mu >= 0 of MF_cls = 1 + tanh(mu) - tanh(mu * Dif), Dif = |p - p*| (R-CNN: Dif = 1 - p_y,
+    # the softmax probability of the ROI's label, background included). The paper's best value
+    # is 1.5; mu = 0 is exactly the base loss, and is computed as with ENABLED False
+    # (detectron2's focal loss / cross entropy): 0 is the one way to say "off".
     _C.MODEL.EAPM.CLS.MU = 1.5
     _C.MODEL.EAPM.REG = CN()
     # EAPM with balanced L1 loss on box regression (dw, dh modulated by Gap-over-Sum).
@@ -39,6 +44,15 @@ def add_eapm_config(cfg: CN) -> CN:
     # GoS = |t - t*| / (|t| + |t*|). The paper's best value is 1.0 (one-stage) / 1.5 (R-CNN);
     # theta = 0 is exactly the balanced L1 loss (computed as with ENABLED False).
     _C.MODEL.EAPM.REG.THETA = 1.0
+    _C.MODEL.EAPM.RPN = CN()
+    # EAPM binary cross entropy on the RPN's objectness (R-CNN models): the BCE evaluated at
+    # p' = p* + MF_rpn (p - p*) over the sampled anchors, Dif = |p - p*|. Needs
+    # MODEL.PROPOSAL_GENERATOR.NAME "EAPMRPN" (detectron2's "RPN" cannot: an error).
+    # False = detectron2's binary cross entropy.
+    _C.MODEL.EAPM.RPN.ENABLED = False
+    # mu >= 0 of MF_rpn = 1 + tanh(mu) - tanh(mu * Dif); mu = 0 is exactly detectron2's RPN
+    # loss (computed as with ENABLED False)
+    _C.MODEL.EAPM.RPN.MU = 1.5
     # Log the histograms of Dif, GoS and MF to the event storage every this many
     # iterations (0 = never). Means are logged every iteration (cheap).
     _C.MODEL.EAPM.HISTOGRAM_PERIOD = 0

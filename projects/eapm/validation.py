@@ -13,8 +13,9 @@ asks the registered classes); nothing below it imports it. ``validate_config`` r
    must suit every class that reads it), each distinct ``(key, rule)`` once;
 3. capabilities: each switched-on EAPM / GHM / BFP key must be honoured by the registered
    class the config chooses (``issubclass`` of the mixins in ``eapm.capabilities``, never a
-   class name), and the class's own cross-key rules (``check_box_loss``,
-   ``check_ghm_cls``, ``check_head_norm``) are applied to the keys;
+   class name; for R-CNN models ``MODEL.EAPM.CLS`` asks the ROI heads, ``MODEL.EAPM.RPN``
+   the proposal generator), and the class's own cross-key rules (``check_box_loss``,
+   ``check_cls_loss``, ``check_ghm_cls``, ``check_head_norm``) are applied to the keys;
 4. with ``training``: what only a training job needs (AMP on a GPU, the batch per process).
 """
 
@@ -29,13 +30,22 @@ from detectron2.config import get_cfg
 from detectron2.modeling import (
     BACKBONE_REGISTRY,
     META_ARCH_REGISTRY,
+    PROPOSAL_GENERATOR_REGISTRY,
     ROI_HEADS_REGISTRY,
     GeneralizedRCNN,
+    ProposalNetwork,
     RetinaNet,
 )
 
 from . import modeling  # noqa: F401  (registers the classes asked below)
-from .capabilities import DenseHeadNorm, SupportsEAPMBalancedL1, SupportsEAPMFocal, SupportsGHM
+from .capabilities import (
+    DenseHeadNorm,
+    SupportsEAPMBalancedL1,
+    SupportsEAPMFocal,
+    SupportsEAPMObjectness,
+    SupportsEAPMSoftmaxCE,
+    SupportsGHM,
+)
 from .config import add_eapm_config
 from .data.image_check import LEVELS
 from .engine.solver import CLIP_TYPES
@@ -204,7 +214,12 @@ def _validate_trainer_keys(cfg: CN) -> None:
 # ---------------------------------------------------------------------------
 def _validate_declared_rules(cfg: CN) -> None:
     done = set()
-    for registry in (META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, BACKBONE_REGISTRY):
+    for registry in (
+        META_ARCH_REGISTRY,
+        ROI_HEADS_REGISTRY,
+        PROPOSAL_GENERATOR_REGISTRY,
+        BACKBONE_REGISTRY,
+    ):
         for _, obj in registry:
             declared = getattr(obj, "config_checks", None)
             if not callable(declared):
@@ -225,13 +240,16 @@ def _validate_capabilities(cfg: CN) -> None:
     arch = _registered(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", arch_name)
     where = f"MODEL.META_ARCHITECTURE {arch_name!r} ({_describe(arch)})"
     e = cfg.MODEL.EAPM
-    if e.CLS.ENABLED and not issubclass(arch, SupportsEAPMFocal):
+    if issubclass(arch, GeneralizedRCNN):
+        _validate_rcnn_eapm_cls(cfg)
+    elif e.CLS.ENABLED and not issubclass(arch, SupportsEAPMFocal):
         _fail(
             "MODEL.EAPM.CLS.ENABLED",
             True,
             f"{where} has no EAPM focal loss and would train without it; use 'EAPMRetinaNet' "
             "or 'EAPMFCOS' (or a subclass)",
         )
+    _validate_eapm_rpn(cfg, arch, where)
     # the class that owns the box regression loss, and the key that selects its type
     if issubclass(arch, GeneralizedRCNN):
         heads_name = cfg.MODEL.ROI_HEADS.NAME
@@ -296,6 +314,46 @@ def _validate_capabilities(cfg: CN) -> None:
     if issubclass(arch, DenseHeadNorm):
         channels = cfg.MODEL.FPN.OUT_CHANNELS
         _checked(cfg, arch.head_norm_key, lambda v: arch.check_head_norm(v, channels))
+
+
+def _validate_rcnn_eapm_cls(cfg: CN) -> None:
+    """MODEL.EAPM.CLS of an R-CNN model: EAPM cross entropy in the ROI box predictor(s)."""
+    e = cfg.MODEL.EAPM
+    if not e.CLS.ENABLED:
+        return
+    name = cfg.MODEL.ROI_HEADS.NAME
+    heads = _registered(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", name)
+    if not issubclass(heads, SupportsEAPMSoftmaxCE):
+        _fail(
+            "MODEL.EAPM.CLS.ENABLED",
+            True,
+            f"MODEL.ROI_HEADS.NAME {name!r} ({_describe(heads)}) has no EAPM cross entropy in "
+            "its box predictor and would train without it; use 'EAPMROIHeads', "
+            "'EAPMCascadeROIHeads' or 'LibraROIHeads' (or a subclass)",
+        )
+    mu = float(e.CLS.MU)
+    _checked(cfg, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", lambda v: heads.check_cls_loss(v, mu))
+
+
+def _validate_eapm_rpn(cfg: CN, arch, where: str) -> None:
+    """MODEL.EAPM.RPN: EAPM binary cross entropy on the objectness of the proposal generator."""
+    if not cfg.MODEL.EAPM.RPN.ENABLED:
+        return
+    if not issubclass(arch, (GeneralizedRCNN, ProposalNetwork)):
+        _fail(
+            "MODEL.EAPM.RPN.ENABLED",
+            True,
+            f"{where} has no proposal generator (RPN) whose objectness EAPM could modulate",
+        )
+    name = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    gen = _registered(PROPOSAL_GENERATOR_REGISTRY, "MODEL.PROPOSAL_GENERATOR.NAME", name)
+    if not issubclass(gen, SupportsEAPMObjectness):
+        _fail(
+            "MODEL.EAPM.RPN.ENABLED",
+            True,
+            f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} ({_describe(gen)}) has no EAPM objectness "
+            "loss and would train without it; use 'EAPMRPN' (or a subclass)",
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from .backbone import (  # noqa: F401
     build_slim_resnet_backbone,
 )
 from .bfp import BalancedFeaturePyramid  # noqa: F401
+from .cascade import EAPMCascadeROIHeads  # noqa: F401
 from .fcos import EAPMFCOS, build_fcos_resnet_fpn_backbone  # noqa: F401
 from .retinanet import EAPMRetinaNet  # noqa: F401
-from .roi_heads import EAPMFastRCNNOutputLayers, LibraROIHeads  # noqa: F401
+from .roi_heads import EAPMFastRCNNOutputLayers, EAPMROIHeads, LibraROIHeads  # noqa: F401
+from .rpn import EAPMRPN  # noqa: F401

@@ -34,13 +34,16 @@ __all__ = [
     "check_histogram_period",
     "check_eapm_cls_mu",
     "check_eapm_reg_theta",
+    "check_eapm_rpn_mu",
     "EAPM_CLS_CHECKS",
+    "EAPM_RPN_CHECKS",
     "EAPM_REG_CHECKS",
     "KERNEL_CHECKS",
     "BALANCED_L1_CHECKS",
     "LOSS_NORMALIZER_CHECKS",
     "eapm_cls_mu_from_config",
     "eapm_reg_theta_from_config",
+    "eapm_rpn_mu_from_config",
     "balanced_l1_from_config",
     "kernel_args_from_config",
 ]
@@ -171,9 +174,15 @@ def check_eapm_reg_theta(value) -> float:
     return check_eapm_param(value, "eapm_reg_theta")
 
 
+def check_eapm_rpn_mu(value) -> float:
+    """mu of the RPN's EAPM binary cross entropy: a finite number >= 0 (returned as a float)."""
+    return check_eapm_param(value, "eapm_rpn_mu")
+
+
 # the keys' declarations (merged into the classes' config_checks)
 EAPM_CLS_CHECKS: Dict[str, Callable] = {"MODEL.EAPM.CLS.MU": check_eapm_cls_mu}
 EAPM_REG_CHECKS: Dict[str, Callable] = {"MODEL.EAPM.REG.THETA": check_eapm_reg_theta}
+EAPM_RPN_CHECKS: Dict[str, Callable] = {"MODEL.EAPM.RPN.MU": check_eapm_rpn_mu}
 KERNEL_CHECKS: Dict[str, Callable] = {
     "MODEL.EAPM.HISTOGRAM_PERIOD": check_histogram_period,
     "MODEL.EAPM.COMPILE": IsBool("compile_kernels"),
@@ -198,6 +207,12 @@ def eapm_reg_theta_from_config(cfg) -> float:
     """``MODEL.EAPM.REG.THETA`` when ``MODEL.EAPM.REG.ENABLED``, else 0.0 (off)."""
     e = cfg.MODEL.EAPM.REG
     return float(e.THETA) if e.ENABLED else 0.0
+
+
+def eapm_rpn_mu_from_config(cfg) -> float:
+    """``MODEL.EAPM.RPN.MU`` when ``MODEL.EAPM.RPN.ENABLED``, else 0.0 (off)."""
+    e = cfg.MODEL.EAPM.RPN
+    return float(e.MU) if e.ENABLED else 0.0
 
 
 def balanced_l1_from_config(cfg) -> Tuple[float, float, float]:
