@@ -8,9 +8,10 @@ spellings of one run.
   (``clip_gradients``: "value", "norm", "full_model") of both;
 * ``launch``: the workers' launch, the launcher's half of preemption (``preemption_exit``)
   and ``create_ddp_model`` (DistributedDataParallel, also of CPU models);
-* ``trainer``: ``EAPMTrainer``, detectron2's DefaultTrainer for yacs configs.
+* ``trainer``: ``EAPMTrainer``, detectron2's DefaultTrainer for yacs configs;
+* ``lazy``: the LazyConfig loop (also importable as ``eapm.lazy``; not imported here).
 
-The LazyConfig loop (``eapm.lazy``) registers the same hooks, builds the same clipping and
+The LazyConfig loop registers the same hooks, builds the same clipping and
 the same DDP, and its configs use the same loader (``eapm.data.resumable``); checkpoints are
 written by ``eapm.checkpoint.EAPMCheckpointer`` on both paths.
 """
