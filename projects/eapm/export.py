@@ -74,9 +74,10 @@ def load_model(config_file: str, opts: Sequence[str] = ()) -> Tuple[torch.nn.Mod
     ``key=value`` opts) config, in eval mode on the CPU, with its weights (``MODEL.WEIGHTS``
     / ``train.init_checkpoint``; none when empty). Returns (model, test input spec) where
     the spec is ``dict(min_size, max_size, format)`` of the config's test-time resize."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    from .checkpoint import EAPMCheckpointer
+    from .lazy import is_lazy_config
 
-    if config_file.endswith(".py"):
+    if is_lazy_config(config_file):
         from detectron2.config import instantiate
 
         from .lazy import load_lazy_config
@@ -107,7 +108,7 @@ def load_model(config_file: str, opts: Sequence[str] = ()) -> Tuple[torch.nn.Mod
     model.to("cpu").eval()
     if weights:
         logger.info(f"loading the weights {weights}")
-        DetectionCheckpointer(model).load(weights)
+        EAPMCheckpointer(model).load(weights)
     return model, spec
 
 

@@ -37,7 +37,9 @@ def get_config(config_path: str, opts=()):
     ``eapm.load_config`` (``opts``: ``KEY VALUE`` list; checked as for evaluation, not
     training), for a ``.py`` the LazyConfig (``opts``: ``key=value`` overrides)."""
     path = get_config_file(config_path)
-    if path.endswith(".py"):
+    from .lazy import is_lazy_config
+
+    if is_lazy_config(path):
         from .lazy import load_lazy_config
 
         return load_lazy_config(path, opts)
