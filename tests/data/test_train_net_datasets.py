@@ -185,3 +185,29 @@ def test_recoverable_dataset_trains(tmp_path):
     log = (out / "log.txt").read_text()
     assert "mode I;16) are 16/32-bit single-channel" in log
     assert "images checked (decode: 4 opened, 0 unchanged" in log
+
+
+@pytest.mark.slow
+def test_lazy_config_path_checks_a_registered_dataset_before_the_model(tmp_path):
+    """The LazyConfig spelling (``--register-coco``) gets the same named error before the
+    model is built."""
+    root = str(tmp_path)
+    train = make_coco(root, "train", num_images=4, seed=0)
+    expected = CASES["truncated_jpeg"](root, train)
+    js = dump(train, os.path.join(root, "train.json"))
+    proc = run_train_net(
+        "--config-file",
+        "configs/quickstart/eapm_retinanet.py",
+        "--register-coco",
+        "tiny_train",
+        js,
+        f"{root}/train",
+        "dataloader.train.dataset.names=tiny_train",
+        f"train.output_dir={tmp_path / 'out'}",
+        timeout=240,
+    )
+    assert proc.returncode == 1, tail(proc)
+    last = proc.stderr.strip().splitlines()[-1]
+    where = re.escape(f"Dataset 'tiny_train' ({js}): ")
+    assert re.fullmatch(expected.format(where=where, js=re.escape(js)), last), last
+    assert "Model:" not in proc.stdout

@@ -116,7 +116,7 @@ def _clip_kwargs(cfg) -> Dict[str, Any]:
 def _register_datasets(args) -> None:
     register_embedded(None)
     for name, json_file, image_root in getattr(args, "register_coco", None) or ():
-        register_coco_json(name, json_file, image_root)
+        register_coco_json(name, json_file, image_root, check_now=True)  # before the model
 
 
 def setup(args):
