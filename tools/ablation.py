@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""EAPM ablation on the embedded dataset (eapm_shapes): RetinaNet R18-FPN from scratch,
-several loss variants x several seeds, each trained and evaluated by ``train_net.py``
-in a subprocess, one after another. Resumable: a run whose folder already holds
-results is skipped, an interrupted one continues from its last checkpoint.
+"""EAPM ablation on the embedded dataset (eapm_shapes): RetinaNet and Faster R-CNN R18-FPN
+from scratch, several loss variants x several seeds, each trained and evaluated by
+``train_net.py`` in a subprocess, one after another. Resumable: a run whose folder already
+holds results is skipped, an interrupted one continues from its last checkpoint.
 
-    python tools/ablation.py --out output/ablation                 # 7 variants x seeds 1,2,3
+    python tools/ablation.py --out output/ablation          # one-stage variants x seeds 1,2,3
     python tools/ablation.py --out output/ablation --iters 500 --variants retinanet,eapm_mu1.5
+    python tools/ablation.py --out output/ablation_rcnn --variants two_stage   # Faster R-CNN
     python tools/ablation.py --out output/ablation --report-only   # rewrite ablation.md
     python tools/ablation.py --list
 
-Variants (configs/quickstart/):
+``--variants`` takes variant names and the groups ``one_stage`` (the default: the RetinaNet
+variants below), ``two_stage`` (the Faster R-CNN variants) and ``all``, comma-separated.
+
+One-stage variants (configs/quickstart/):
 
     retinanet               retinanet.yaml: focal loss + smooth L1 (beta 0.1),
                             detectron2's RetinaNet
@@ -23,6 +27,15 @@ Variants (configs/quickstart/):
                             loss: the classification change only (GHM RetinaNet's classifier)
     ghm_c_ghm_r             retinanet.yaml + GHM-C + GHM-R (mu 0.02, bins 10, momentum 0.7, loss
                             weight 10) instead of smooth L1: GHM RetinaNet (paper Table 3's "GHM")
+
+Two-stage variants (configs/quickstart/):
+
+    faster_rcnn             faster_rcnn.yaml: detectron2's Faster R-CNN (softmax cross entropy +
+                            smooth L1 in the ROI heads, BCE + L1 in the RPN)
+    faster_rcnn_eapm_mu1.0/1.5/2.0
+                            faster_rcnn_eapm_mu1.5.yaml (mu set): EAPM cross entropy on the ROI box
+                            classification: the classification change only (same network and
+                            initialisation per seed as faster_rcnn)
 
 EAPM regression modulates the balanced L1 loss, so it needs
 MODEL.RETINANET.BBOX_REG_LOSS_TYPE balanced_l1; comparing eapm_mu1.5_theta1.0 with
@@ -74,6 +87,14 @@ def _mu(mu: str) -> Tuple[str, ...]:
     return ("MODEL.EAPM.CLS.ENABLED", "True", "MODEL.EAPM.CLS.MU", mu)
 
 
+_FRCNN = "configs/quickstart/faster_rcnn.yaml"
+_FRCNN_EAPM = "configs/quickstart/faster_rcnn_eapm_mu1.5.yaml"
+
+
+def _rcnn_mu(mu: str) -> Tuple[str, ...]:
+    return ("MODEL.EAPM.CLS.MU", mu)
+
+
 _GHM_C = ("MODEL.GHM.CLS.ENABLED", "True")
 _GHM_R = ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r")
 
@@ -115,6 +136,33 @@ VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
         ("ghm_c_ghm_r", Variant(_RN, _GHM_C + _GHM_R, "GHM-C + GHM-R (GHM RetinaNet)", "ghm_c")),
     ]
 )
+# the Faster R-CNN variants (--variants two_stage)
+TWO_STAGE_VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
+    [
+        ("faster_rcnn", Variant(_FRCNN, (), "Faster R-CNN: CE + smooth L1 (baseline)", None)),
+    ]
+    + [
+        (
+            f"faster_rcnn_eapm_mu{mu}",
+            Variant(
+                _FRCNN_EAPM,
+                _rcnn_mu(mu),
+                f"Faster R-CNN: EAPM CE mu {mu} + smooth L1",
+                "faster_rcnn",
+            ),
+        )
+        for mu in ("1.0", "1.5", "2.0")
+    ]
+)
+# every variant by name (VARIANTS, the default set, are the one-stage ones)
+ALL_VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
+    list(VARIANTS.items()) + list(TWO_STAGE_VARIANTS.items())
+)
+GROUPS = {
+    "one_stage": list(VARIANTS),
+    "two_stage": list(TWO_STAGE_VARIANTS),
+    "all": list(ALL_VARIANTS),
+}
 SUMMARY_METRICS = ("AP", "AP50", "AP75")
 _RESERVED = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER")
 
@@ -122,6 +170,28 @@ _RESERVED = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER")
 # ----------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------
+def expand_variants(spec: str) -> List[str]:
+    """ "two_stage" -> the Faster R-CNN variants; "retinanet,faster_rcnn" -> those two; groups
+    (``GROUPS``) and names may be mixed, duplicates are dropped (first place kept). Raises
+    ``ValueError`` naming unknown entries."""
+    out: List[str] = []
+    unknown = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        names = GROUPS.get(item, [item] if item in ALL_VARIANTS else None)
+        if names is None:
+            unknown.append(item)
+            continue
+        out += [n for n in names if n not in out]
+    if unknown:
+        raise ValueError(
+            f"unknown variants {unknown}; choose from {list(ALL_VARIANTS)} or the groups "
+            f"{list(GROUPS)}"
+        )
+    return out
+
+
 def parse_seeds(spec: str) -> List[int]:
     """ "3" -> [1, 2, 3]; "1,5,9" -> [1, 5, 9]."""
     if "," in spec:
@@ -176,7 +246,7 @@ def schedule_opts(base: Dict, iters: Optional[int]) -> List[str]:
 def run_command(
     variant: str, seed: int, out_dir: str, iters: Optional[int], opts: Sequence[str]
 ) -> List[str]:
-    v = VARIANTS[variant]
+    v = ALL_VARIANTS[variant]
     sched = schedule_opts(base_schedule(v.config, list(v.opts) + list(opts)), iters)
     return [
         sys.executable,
@@ -325,7 +395,7 @@ def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
             entry[m] = {"mean": mean, "std": std}
         walls = [r["wall_s"] for r in runs if r["variant"] == v and r["wall_s"] is not None]
         entry["wall_s_mean"] = statistics.fmean(walls) if walls else None
-        ref = VARIANTS[v].reference
+        ref = ALL_VARIANTS[v].reference
         entry["reference"] = ref
         if ref in variants:
             # paired over the seeds both variants have
@@ -367,7 +437,7 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
             delta = "+" + delta
         wall = f"{e['wall_s_mean']:.0f}" if e["wall_s_mean"] is not None else "—"
         lines.append(
-            f"| {v} | {VARIANTS[v].description} | {e['reference'] or '—'} | "
+            f"| {v} | {ALL_VARIANTS[v].description} | {e['reference'] or '—'} | "
             f"{e['n']}/{len(seeds)} | "
             + " | ".join(_ms(e[m]["mean"], e[m]["std"]) for m in SUMMARY_METRICS)
             + f" | {delta} | {wall} |"
@@ -385,7 +455,7 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
         lines.append(f"| {r['variant']} | {r['seed']} | {vals} | {wall} | {r['status']} |")
     lines += ["", "## Variants", ""]
     for v in variants:
-        var = VARIANTS[v]
+        var = ALL_VARIANTS[v]
         lines.append(f"- `{v}`: `{var.config}` {' '.join(var.opts) or '(as is)'}")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "ablation.md"), "w") as fh:
@@ -417,8 +487,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     ap.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help="comma-separated subset (default: all; see --list)",
+        default="one_stage",
+        help="comma-separated variant names and groups one_stage, two_stage, all (default "
+        "one_stage; see --list)",
     )
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -435,16 +506,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     if args.list:
-        for name, v in VARIANTS.items():
-            print(
-                f"{name:24s} {v.description}  [{v.config} {' '.join(v.opts)}]  "
-                f"reference: {v.reference or '-'}"
-            )
+        for group, names in (("one_stage", VARIANTS), ("two_stage", TWO_STAGE_VARIANTS)):
+            print(f"[{group}]")
+            for name, v in names.items():
+                print(
+                    f"{name:24s} {v.description}  [{v.config} {' '.join(v.opts)}]  "
+                    f"reference: {v.reference or '-'}"
+                )
         return 0
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    try:
+        variants = expand_variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
     if len(args.opts) % 2:
         ap.error("--opts takes KEY VALUE pairs")
     bad = [k for k in args.opts[::2] if k in _RESERVED]
