@@ -1,3 +1,4 @@
-"""Helpers shared by the tests and the tools: tiny configs and synthetic batches
-(``eapm.utils.testing``) and the reading of training output folders
-(``eapm.utils.results``)."""
+"""Helpers shared by the tests and the tools: tiny configs, synthetic batches and
+``HostSyncCounter`` (``eapm.utils.testing``), the reading of training output folders
+(``eapm.utils.results``), and the measuring and reporting harness of
+``tools/benchmark.py`` (``eapm.utils.benchmark``)."""
