@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import tiny_cfg
 
 from eapm.modeling.bfp import BalancedFeaturePyramid, NonLocalBlock2d
+from tests.helpers import tiny_cfg
 
 RCNN_OPTS = (
     "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from tests.helpers import REPO, grad_norms, make_batch, tiny_cfg
 
 LOSS_KEYS = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr")

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+
 from tests.helpers import CONFIGS, grad_norms, make_batch, tiny_cfg
 
 B = math.exp(3.0) - 1.0  # balanced L1's b for alpha 0.5, gamma 1.5

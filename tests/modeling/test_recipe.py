@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from tests.helpers import make_batch, tiny_cfg
 
 from eapm.utils.testing import repo_cfg
+from tests.helpers import make_batch, tiny_cfg
 
 
 def _shapes(module):
@@ -182,9 +182,8 @@ def test_recipe_0_3_config_is_the_recipe_before_0_4():
 def test_benchmark_recipe_section_trains_both_recipes(tmp_path):
     """tools/benchmark.py --only recipe: both quickstart recipes take training steps on the
     embedded dataset (tiny batches here) and the ratios are printed and finite."""
-    from tests.tools.test_benchmark import run_benchmark
-
     from eapm.data import shapes
+    from tests.tools.test_benchmark import run_benchmark
 
     root = shapes.ensure_generated(str(tmp_path / "data" / "eapm_shapes"))
     stdout, reports, ratios = run_benchmark(

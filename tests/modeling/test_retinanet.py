@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from tests.helpers import grad_norms, make_batch, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+
+from tests.helpers import grad_norms, make_batch, tiny_cfg
 
 RETINA = "quickstart/retinanet.yaml"
 EAPM_RETINA = "quickstart/eapm_retinanet.yaml"

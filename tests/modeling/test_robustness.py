@@ -13,8 +13,19 @@ import time
 
 import pytest
 import torch
-from tests.helpers import REPO, grad_norms, make_batch, tiny_cfg
-from tests.helpers import dump, make_coco, read_metrics, run_train_net, tail, tiny_opts
+
+from tests.helpers import (
+    REPO,
+    dump,
+    grad_norms,
+    make_batch,
+    make_coco,
+    read_metrics,
+    run_train_net,
+    tail,
+    tiny_cfg,
+    tiny_opts,
+)
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "eapm_retinanet.yaml")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import tiny_cfg
 
 from eapm.modeling.sampling import instance_balanced_positives, iou_balanced_negatives, quota_sample
+from tests.helpers import tiny_cfg
 
 RCNN = "quickstart/libra_rcnn.yaml"
 

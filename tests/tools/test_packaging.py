@@ -14,6 +14,7 @@ import textwrap
 import zipfile
 
 import pytest
+
 from tests.helpers import REPO
 
 SOURCES = ["setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md"]

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from tests.helpers import REPO, make_batch, tiny_cfg
 
 TOOLS = os.path.join(REPO, "tools")
