@@ -17,7 +17,7 @@ key when the config is loaded, re-raising its ``ValueError`` as
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 __all__ = [
     "ConfigCheck",
@@ -61,19 +61,26 @@ class SupportsEAPMBalancedL1:
     they honour the box loss type ``"balanced_l1"``, ``MODEL.BALANCED_L1.*`` and
     ``MODEL.EAPM.REG.*``.
 
-    ``box_loss_key`` is the config key that selects the class's box loss type.
+    ``box_loss_key`` is the config key that selects the class's box loss type;
+    ``eapm_box_losses`` the box loss types EAPM regression can modulate in this class
+    (balanced L1; the R-CNN ROI heads also detectron2's IoU losses, on modulated deltas).
     """
 
     box_loss_key: str = ""
+    eapm_box_losses: Tuple[str, ...] = ("balanced_l1",)
 
     @classmethod
     def check_box_loss(cls, box_loss_type: str, eapm_reg_theta: float) -> None:
         """Raise ``ValueError`` if EAPM regression (``eapm_reg_theta > 0``) is asked of a
-        box loss other than balanced L1 (EAPM modulates the balanced L1 loss's deltas)."""
-        if eapm_reg_theta > 0 and box_loss_type != "balanced_l1":
+        box loss that is not in ``eapm_box_losses``."""
+        if eapm_reg_theta > 0 and box_loss_type not in cls.eapm_box_losses:
+            if tuple(cls.eapm_box_losses) == ("balanced_l1",):
+                needs = "the 'balanced_l1' box loss"
+            else:
+                needs = f"one of the box losses {tuple(cls.eapm_box_losses)}"
             raise ValueError(
-                f"EAPM regression (MODEL.EAPM.REG.ENABLED, theta {eapm_reg_theta}) needs the "
-                f"'balanced_l1' box loss ({cls.box_loss_key}), got {box_loss_type!r}"
+                f"EAPM regression (MODEL.EAPM.REG.ENABLED, theta {eapm_reg_theta}) needs "
+                f"{needs} ({cls.box_loss_key}), got {box_loss_type!r}"
             )
 
 

@@ -622,3 +622,98 @@ def test_ablation_two_stage_variants(tmp_path, capsys):
     # the default is still the one-stage set
     assert tool.main(args) == 0
     assert capsys.readouterr().out.count("train_net.py") == 2 * len(tool.VARIANTS)
+
+
+# ------------------------------------------- EAPM regression with detectron2's IoU losses
+@pytest.mark.parametrize("loss_type", ["giou", "diou", "ciou"])
+def test_eapm_iou_box_loss_is_the_iou_loss_at_the_modulated_deltas(loss_type, storage):
+    """Value: detectron2's IoU loss of the boxes decoded from t' (dw, dh: t* + MF (t - t*),
+    MF = 1 + tanh(theta) - tanh(theta GoS); dx, dy: t), summed over the foreground ROIs and
+    divided by the sampled ROIs. Gradient w.r.t. the predicted deltas: the IoU loss's gradient
+    w.r.t. t' (MF not differentiated); zero for the background ROIs and the other classes."""
+    from detectron2.layers import ShapeSpec, ciou_loss, diou_loss
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from fvcore.nn import giou_loss
+
+    from eapm.modeling import EAPMFastRCNNOutputLayers
+
+    theta, weights = 1.0, (10.0, 10.0, 5.0, 5.0)
+    layer = EAPMFastRCNNOutputLayers(
+        ShapeSpec(channels=8),
+        box2box_transform=Box2BoxTransform(weights=weights),
+        num_classes=3,
+        box_reg_loss_type=loss_type,
+        eapm_reg_theta=theta,
+    )
+    g = torch.Generator().manual_seed(0)
+    proposals = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 40.0, 20.0], [2.0, 3.0, 9.0, 30.0], [1, 1, 8, 8.0]]
+    )
+    gt = torch.tensor(
+        [[-5.0, 1.0, 15.0, 12.0], [3.0, 6.0, 30.0, 25.0], [1.0, 1.0, 12.0, 20.0], [0, 0, 5, 5.0]]
+    )
+    classes = torch.tensor([1, 0, 2, 3])  # the last ROI is background
+    pred = torch.randn(4, 12, generator=g) * 0.3  # other classes: noise
+    fg = torch.arange(3)
+    t_star = layer.box2box_transform.get_deltas(proposals[fg], gt[fg])
+    # each ROI's own class: the target's sign, another magnitude (GoS in (0, 1): MF > 1)
+    pred.view(4, 3, 4)[fg, classes[fg]] = t_star * torch.tensor([0.5, 1.5, 0.6, 1.7])
+    pred.requires_grad_()
+    loss = layer.box_reg_loss(proposals, gt, pred, classes)
+    loss.backward()
+
+    t = pred.detach().view(4, 3, 4)[fg, classes[fg]]
+    gos = (t - t_star).abs() / (t.abs() + t_star.abs())
+    mf = 1 + math.tanh(theta) - torch.tanh(theta * gos)
+    assert (mf[:, 2:] > 1.05).all()
+    t_mod = t.clone()
+    t_mod[:, 2:] = t_star[:, 2:] + mf[:, 2:] * (t - t_star)[:, 2:]
+    leaf = t_mod.clone().requires_grad_()
+    fn = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}[loss_type]
+    ref = fn(layer.box2box_transform.apply_deltas(leaf, proposals[fg]), gt[fg], reduction="sum") / 4
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    expected = torch.zeros(4, 3, 4)
+    expected[fg, classes[fg]] = leaf.grad
+    torch.testing.assert_close(pred.grad.view(4, 3, 4), expected, rtol=1e-5, atol=1e-7)
+    # not the plain IoU loss: the modulation changed the value
+    plain = fn(layer.box2box_transform.apply_deltas(t, proposals[fg]), gt[fg], reduction="sum") / 4
+    assert abs(loss.item() - plain.item()) > 1e-4
+    latest = storage.latest()
+    assert latest["eapm/reg_mf"][0] == pytest.approx(mf[:, 2:].mean().item(), rel=1e-6)
+    assert latest["eapm/reg_gos"][0] == pytest.approx(gos[:, 2:].mean().item(), rel=1e-6)
+
+
+def test_eapm_iou_regression_in_the_roi_heads_configs():
+    """giou + MODEL.EAPM.REG with the EAPM ROI heads: valid and trains; at theta 0 it is
+    detectron2's giou bitwise; RetinaNet still needs balanced L1 for EAPM regression."""
+    path = "quickstart/faster_rcnn_eapm_mu1.5.yaml"
+    opts = ["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "giou", "MODEL.EAPM.REG.ENABLED", "True"]
+    eapm.load_config(os.path.join(CONFIGS, path), opts)
+    base, ours = build_pair(path, "quickstart/faster_rcnn.yaml", *opts)
+    assert ours.roi_heads.box_predictor.eapm_reg_theta == 1.0
+    batch = batch_for(cfg_of(path))
+    losses, storage = train_step(ours, batch)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box_reg"] > 0
+    assert (
+        grad_norms(ours, ["roi_heads.box_predictor.bbox_pred"])["roi_heads.box_predictor.bbox_pred"]
+        > 0
+    )
+    assert storage.latest()["eapm/reg_mf"][0] > 1.0
+    zero = build_pair(path, "quickstart/faster_rcnn.yaml", *opts, "MODEL.EAPM.REG.THETA", 0.0)[1]
+    base.roi_heads.box_predictor.box_reg_loss_type = "giou"
+    l0, _ = train_step(zero, batch, backward=False)
+    lb, _ = train_step(base, batch, backward=False)
+    assert torch.equal(l0["loss_box_reg"], lb["loss_box_reg"])
+    _raises(
+        "quickstart/retinanet.yaml",
+        ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "giou", "MODEL.EAPM.REG.ENABLED", "True"],
+        r"^Invalid config MODEL\.RETINANET\.BBOX_REG_LOSS_TYPE = 'giou': .*needs the "
+        r"'balanced_l1' box loss",
+    )
+    _raises(
+        path,
+        ["MODEL.EAPM.REG.ENABLED", "True"],
+        r"^Invalid config MODEL\.ROI_BOX_HEAD\.BBOX_REG_LOSS_TYPE = 'smooth_l1': .*needs one of "
+        r"the box losses \('balanced_l1', 'giou', 'diou', 'ciou'\)",
+    )

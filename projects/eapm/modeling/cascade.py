@@ -39,6 +39,7 @@ class EAPMCascadeROIHeads(
     """
 
     box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
+    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
     box_predictor_class = EAPMFastRCNNOutputLayers
 
     @configurable

@@ -46,6 +46,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import cat, nonzero_tuple
 from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import ROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
@@ -57,7 +58,10 @@ from ..losses import (
     eapm_ce_stats,
     eapm_cross_entropy,
     gap_over_sum,
+    gos,
+    modulate_prediction,
     modulating_factor,
+    tanh_factor,
 )
 from ..upstream import adapted_from
 from .common import box_reg_balanced_l1
@@ -90,6 +94,8 @@ __all__ = [
 ]
 
 check_box_reg_loss_type = OneOf("box_reg_loss_type", BOX_REG_LOSSES)
+# detectron2's IoU box losses, on the decoded boxes: EAPM modulates their deltas before decoding
+IOU_BOX_LOSSES = ("giou", "diou", "ciou")
 check_iou_balanced_num_bins = IntAtLeast("iou_balanced_num_bins", 0)
 check_iou_balanced_floor_fraction = NumberIn("iou_balanced_floor_fraction", 0, 1)
 
@@ -117,6 +123,7 @@ class EAPMFastRCNNOutputLayers(
     """
 
     box_loss_key = "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
+    eapm_box_losses = ("balanced_l1",) + IOU_BOX_LOSSES
 
     @configurable
     def __init__(
@@ -139,6 +146,8 @@ class EAPMFastRCNNOutputLayers(
         self.check_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
         if self.box_reg_loss_type == "balanced_l1" and len(self.box2box_transform.weights) != 4:
             raise ValueError("the balanced L1 box loss supports axis-aligned boxes (4 deltas) only")
+        if self.eapm_reg_theta > 0 and len(self.box2box_transform.weights) != 4:
+            raise ValueError("EAPM regression supports axis-aligned boxes (4 deltas) only")
         check_balanced_l1_params(*balanced_l1)
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
         self.histogram_period = check_histogram_period(histogram_period)
@@ -244,9 +253,17 @@ class EAPMFastRCNNOutputLayers(
                         storage.put_histogram(hist, values[mask])
 
     def box_reg_loss(self, proposal_boxes, gt_boxes, pred_deltas, gt_classes):
-        """(EAPM) balanced L1 over the foreground ROIs' deltas of their GT class, summed
-        and divided by the number of sampled ROIs; other loss types: detectron2's."""
-        if self.box_reg_loss_type != "balanced_l1":
+        """The box loss over the foreground ROIs' deltas of their GT class (class-agnostic:
+        their only deltas), summed and divided by the number of sampled ROIs.
+
+        "balanced_l1": (EAPM) balanced L1 on the deltas. "giou" / "diou" / "ciou" with
+        ``eapm_reg_theta > 0``: EAPM through the general recipe (``eapm.losses.
+        modulate_prediction``): the dw, dh of the predicted deltas are modulated by their
+        Gap-over-Sum factor, ``t' = t* + MF (t - t*)``, then decoded and given to detectron2's
+        IoU loss, whose gradient at the decoded modulated boxes reaches the deltas unchanged
+        (MF not differentiated). Other loss types and theta 0: detectron2's."""
+        eapm_iou = self.eapm_reg_theta > 0 and self.box_reg_loss_type in IOU_BOX_LOSSES
+        if self.box_reg_loss_type != "balanced_l1" and not eapm_iou:
             return super().box_reg_loss(proposal_boxes, gt_boxes, pred_deltas, gt_classes)
         fg = nonzero_tuple((gt_classes >= 0) & (gt_classes < self.num_classes))[0]
         if pred_deltas.shape[1] == 4:  # class-agnostic
@@ -254,6 +271,9 @@ class EAPMFastRCNNOutputLayers(
         else:
             fg_pred = pred_deltas.view(-1, self.num_classes, 4)[fg, gt_classes[fg]]
         fg_target = self.box2box_transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
+        if eapm_iou:
+            loss = self._eapm_iou_loss(proposal_boxes[fg], gt_boxes[fg], fg_pred, fg_target)
+            return loss / max(gt_classes.numel(), 1.0)
         with self._scope():
             loss = box_reg_balanced_l1(
                 fg_pred,
@@ -266,12 +286,44 @@ class EAPMFastRCNNOutputLayers(
             )
         if self.stage_name and self.eapm_reg_theta > 0 and fg.numel() and self._histograms_due():
             with torch.no_grad():
-                gos = gap_over_sum(fg_pred[:, 2:], fg_target[:, 2:])
-                mf = modulating_factor(gos, self.eapm_reg_theta)
-                storage = get_event_storage()
-                storage.put_histogram(self._histogram_name("eapm/reg_gos"), gos.flatten())
-                storage.put_histogram(self._histogram_name("eapm/reg_mf"), mf.flatten())
+                ea = gap_over_sum(fg_pred[:, 2:], fg_target[:, 2:])
+                self._log_reg_stats(ea, modulating_factor(ea, self.eapm_reg_theta), means=False)
         return loss / max(gt_classes.numel(), 1.0)
+
+    def _eapm_iou_loss(self, proposals, gt, fg_pred, fg_target):
+        """Summed EAPM IoU loss (``box_reg_loss``) of P foreground ROIs: (P, 4) boxes and
+        deltas."""
+        pred_mod, ea, mf = modulate_prediction(
+            fg_pred,
+            fg_target,
+            gos,
+            tanh_factor(self.eapm_reg_theta),
+            modulated_columns=(2, 3),  # dw, dh (GoS is defined for them)
+        )
+        if fg_pred.shape[0] > 0:
+            self._log_reg_stats(ea[:, 2:], mf[:, 2:], means=True)
+        return _dense_box_regression_loss(
+            [proposals],
+            self.box2box_transform,
+            [pred_mod.unsqueeze(0)],
+            [gt],
+            ...,
+            self.box_reg_loss_type,
+            self.smooth_l1_beta,
+        )
+
+    @torch.no_grad()
+    def _log_reg_stats(self, gos_values, mf, *, means: bool) -> None:
+        """GoS / MF of the dw, dh components: means as ``eapm/reg_{gos,mf}`` (``means``), and
+        histograms of the same names when due (with the stage's prefix)."""
+        storage = get_event_storage()
+        if means:
+            with self._scope():
+                storage.put_scalar("eapm/reg_gos", float(gos_values.mean()))
+                storage.put_scalar("eapm/reg_mf", float(mf.mean()))
+        if self._histograms_due():
+            storage.put_histogram(self._histogram_name("eapm/reg_gos"), gos_values.flatten())
+            storage.put_histogram(self._histogram_name("eapm/reg_mf"), mf.flatten())
 
 
 def rebuilt_as(cls, built: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
@@ -313,6 +365,7 @@ class EAPMROIHeads(
     """
 
     box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
+    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
     box_predictor_class = EAPMFastRCNNOutputLayers
 
     @configurable
@@ -372,6 +425,7 @@ class LibraROIHeads(
     """
 
     box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
+    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
     box_predictor_class = EAPMFastRCNNOutputLayers
 
     @configurable
