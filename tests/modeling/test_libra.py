@@ -166,8 +166,10 @@ def test_roi_other_loss_types_defer_to_detectron2(storage):
     proposals, gt, gt_classes, pred = _case()
     case = (proposals, gt, pred, gt_classes)
     assert ours.box_reg_loss(*case).item() == theirs.box_reg_loss(*case).item() > 0
-    with pytest.raises(ValueError, match="balanced_l1"):
-        EAPMFastRCNNOutputLayers(ShapeSpec(channels=8), eapm_reg_theta=1.0, **args)
+    # EAPM regression modulates balanced L1 and detectron2's IoU losses, not smooth L1
+    smooth_l1 = dict(args, box_reg_loss_type="smooth_l1")
+    with pytest.raises(ValueError, match="needs one of the box losses .*'balanced_l1', 'giou'"):
+        EAPMFastRCNNOutputLayers(ShapeSpec(channels=8), eapm_reg_theta=1.0, **smooth_l1)
 
 
 # ------------------------------------------------------------------ configs
