@@ -183,3 +183,17 @@ def read_metrics(out_dir: str) -> List[Dict]:
 
 def tail(proc) -> str:
     return (proc.stdout or "")[-3000:] + "\n----- stderr -----\n" + (proc.stderr or "")[-4000:]
+
+
+def record(obj, method: str) -> dict:
+    """Wraps ``obj.method`` (an instance attribute shadowing the method) so that the
+    arguments of its last call are in the returned dict under "args"."""
+    seen = {}
+    original = getattr(obj, method)
+
+    def wrapper(*args):
+        seen["args"] = args
+        return original(*args)
+
+    setattr(obj, method, wrapper)
+    return seen

@@ -22,22 +22,9 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from tests.helpers import make_batch, tiny_cfg
+from tests.helpers import make_batch, record, tiny_cfg
 
 MU, THETA = 1.3, 0.7
-
-
-def record(obj, method: str) -> dict:
-    """Wraps ``obj.method`` so that the arguments of its last call are in ``["args"]``."""
-    seen = {}
-    original = getattr(obj, method)
-
-    def wrapper(*args):
-        seen["args"] = args
-        return original(*args)
-
-    setattr(obj, method, wrapper)
-    return seen
 
 
 def run(model, batch, monkeypatch):

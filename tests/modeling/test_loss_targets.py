@@ -24,7 +24,7 @@ from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from eapm.losses import eapm_balanced_l1_loss, eapm_sigmoid_focal_loss
-from tests.helpers import make_batch, tiny_cfg
+from tests.helpers import make_batch, record, tiny_cfg
 
 MU, THETA = 1.3, 0.7
 FOCAL = dict(alpha=0.3, gamma=1.7)
@@ -38,20 +38,6 @@ TIGHT = dict(rtol=2e-5, atol=1e-7)
 def ema_first_update(initial: float, num_pos: int) -> float:
     """detectron2's ``DenseDetector._ema_update`` (momentum 0.9) at its first call."""
     return initial * 0.9 + 0.1 * max(num_pos, 1)
-
-
-def record(obj, method: str) -> dict:
-    """Wraps ``obj.method`` (an instance attribute shadowing the method) so that the
-    arguments of its last call are in the returned dict under "args"."""
-    seen = {}
-    original = getattr(obj, method)
-
-    def wrapper(*args):
-        seen["args"] = args
-        return original(*args)
-
-    setattr(obj, method, wrapper)
-    return seen
 
 
 def spread_box_predictions(layer: torch.nn.Module, seed: int = 0) -> None:
