@@ -4,24 +4,12 @@
 # (IoU-balanced negatives in 3 bins, instance-balanced positives) + balanced L1 in the ROI box
 # head (alpha 0.5, gamma 1.5, beta 1.0 on deltas weighted (10, 10, 5, 5)).
 from detectron2.config import LazyCall as L
-from detectron2.model_zoo import get_config
 
-from eapm.data.resumable import build_resumable_train_loader
 from eapm.modeling import BalancedFeaturePyramid, EAPMFastRCNNOutputLayers, LibraROIHeads
 
-_base = get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
-dataloader, lr_multiplier, model, optimizer, train = (
-    _base.dataloader,
-    _base.lr_multiplier,
-    _base.model,
-    _base.optimizer,
-    _base.train,
-)
-
-# Faster R-CNN: no mask branch
-for _key in ("mask_in_features", "mask_pooler", "mask_head"):
-    del model.roi_heads[_key]
-dataloader.train.mapper.use_instance_mask = False
+# Faster R-CNN R-50-FPN with this project's training settings (resumable loader, single scale
+# 800, lr 0.02, no clipping, preemption): the twin of faster_rcnn_R_50_FPN_1x.yaml
+from .faster_rcnn_R_50_FPN_1x import dataloader, lr_multiplier, model, optimizer, train
 
 # index into P2-P6: 2 = P4 (mmdetection's refine_level 2 for Faster R-CNN)
 model.backbone = L(BalancedFeaturePyramid)(
@@ -40,15 +28,4 @@ predictor.eapm_reg_theta = 0.0  # MODEL.EAPM.REG.THETA
 predictor.compile_kernels = True  # MODEL.EAPM.COMPILE
 del predictor
 
-# the exactly resumable loader (yacs DATALOADER.EXACT_RESUME True): same arguments as
-# detectron2's build_detection_train_loader
-dataloader.train._target_ = build_resumable_train_loader
-dataloader.train.mapper.augmentations[0].short_edge_length = (800,)
-dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
-
-optimizer.lr = 0.02
-train.eval_period = 0
-train.seed = -1
-train.clip_gradients = dict(enabled=False)
-train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
 train.output_dir = "./output/COCO-Detection/libra_rcnn_R_50_FPN_1x"
