@@ -18,16 +18,13 @@ from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import CascadeROIHeads
 
-from ..capabilities import DeclaresConfigChecks, SupportsEAPMBalancedL1, SupportsEAPMSoftmaxCE
-from .roi_heads import EAPMFastRCNNOutputLayers, rebuilt_as, require_predictor
+from .roi_heads import EAPMBoxPredictorHeads, rebuilt_as, require_predictor
 
 __all__ = ["EAPMCascadeROIHeads"]
 
 
 @ROI_HEADS_REGISTRY.register()
-class EAPMCascadeROIHeads(
-    DeclaresConfigChecks, SupportsEAPMSoftmaxCE, SupportsEAPMBalancedL1, CascadeROIHeads
-):
+class EAPMCascadeROIHeads(EAPMBoxPredictorHeads, CascadeROIHeads):
     """``CascadeROIHeads`` whose box predictors are ``EAPMFastRCNNOutputLayers``.
 
     Args: those of ``CascadeROIHeads``; every element of ``box_predictors`` must be an
@@ -38,20 +35,12 @@ class EAPMCascadeROIHeads(
     initialises as detectron2's with ``CascadeROIHeads``.
     """
 
-    box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
-    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
-    box_predictor_class = EAPMFastRCNNOutputLayers
-
     @configurable
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         for k, predictor in enumerate(self.box_predictor):
             require_predictor(predictor, self.box_predictor_class, f"box_predictors[{k}]")
             predictor.stage_name = f"stage{k}"  # CascadeROIHeads' name scope of stage k
-
-    @classmethod
-    def config_checks(cls):
-        return cls.box_predictor_class.config_checks()
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

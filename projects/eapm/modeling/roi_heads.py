@@ -85,6 +85,7 @@ from .keys import (
 from .sampling import instance_balanced_positives, iou_balanced_negatives, random_subset
 
 __all__ = [
+    "EAPMBoxPredictorHeads",
     "EAPMFastRCNNOutputLayers",
     "EAPMROIHeads",
     "LibraROIHeads",
@@ -349,10 +350,22 @@ def require_predictor(predictor, cls, where: str) -> None:
         )
 
 
+class EAPMBoxPredictorHeads(DeclaresConfigChecks, SupportsEAPMSoftmaxCE, SupportsEAPMBalancedL1):
+    """Mixin of the ROI heads whose box predictors are ``box_predictor_class``
+    (``EAPMFastRCNNOutputLayers``): their EAPM capabilities, box-loss key and config rules
+    are the predictor's."""
+
+    box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
+    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
+    box_predictor_class = EAPMFastRCNNOutputLayers
+
+    @classmethod
+    def config_checks(cls):
+        return cls.box_predictor_class.config_checks()
+
+
 @ROI_HEADS_REGISTRY.register()
-class EAPMROIHeads(
-    DeclaresConfigChecks, SupportsEAPMSoftmaxCE, SupportsEAPMBalancedL1, StandardROIHeads
-):
+class EAPMROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
     """detectron2's ``StandardROIHeads`` (Faster R-CNN; Mask R-CNN with ``MODEL.MASK_ON``)
     whose box predictor is ``EAPMFastRCNNOutputLayers``: EAPM cross entropy
     (``MODEL.EAPM.CLS.*``) and the (EAPM) balanced L1 box loss are available, everything else
@@ -364,18 +377,10 @@ class EAPMROIHeads(
     (``rebuilt_as``), so the model initialises as detectron2's with ``StandardROIHeads``.
     """
 
-    box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
-    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
-    box_predictor_class = EAPMFastRCNNOutputLayers
-
     @configurable
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         require_predictor(self.box_predictor, self.box_predictor_class, "box_predictor")
-
-    @classmethod
-    def config_checks(cls):
-        return cls.box_predictor_class.config_checks()
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -405,9 +410,7 @@ class MaxIoUMatcher(Matcher):
 
 
 @ROI_HEADS_REGISTRY.register()
-class LibraROIHeads(
-    DeclaresConfigChecks, SupportsEAPMSoftmaxCE, SupportsEAPMBalancedL1, StandardROIHeads
-):
+class LibraROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
     """``StandardROIHeads`` with Libra R-CNN's balanced sampling and the
     ``EAPMFastRCNNOutputLayers`` box predictor.
 
@@ -423,10 +426,6 @@ class LibraROIHeads(
     ``from_config`` reads ``MODEL.ROI_HEADS.IOU_BALANCED_*`` / ``INSTANCE_BALANCED_POS``;
     ``config_checks()`` declares their rules and the box predictor's.
     """
-
-    box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
-    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
-    box_predictor_class = EAPMFastRCNNOutputLayers
 
     @configurable
     def __init__(
@@ -465,7 +464,7 @@ class LibraROIHeads(
         return {
             "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS": check_iou_balanced_num_bins,
             "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION": check_iou_balanced_floor_fraction,
-            **cls.box_predictor_class.config_checks(),
+            **super().config_checks(),
         }
 
     @classmethod
