@@ -38,13 +38,14 @@ def add_eapm_config(cfg: CN) -> CN:
     _C.MODEL.EAPM.REG = CN()
     # EAPM with balanced L1 loss on box regression (dw, dh modulated by Gap-over-Sum).
     # Requires the regression loss type "balanced_l1" (RetinaNet: MODEL.RETINANET.
-    # BBOX_REG_LOSS_TYPE, R-CNN: MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE); the R-CNN ROI heads
-    # (EAPMROIHeads, EAPMCascadeROIHeads, LibraROIHeads) also take "giou", "diou", "ciou":
-    # the deltas' dw, dh are modulated, then decoded for the IoU loss.
+    # BBOX_REG_LOSS_TYPE, R-CNN: MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE) or one of detectron2's
+    # IoU losses "giou", "diou", "ciou" (EAPMRetinaNet and the R-CNN ROI heads EAPMROIHeads,
+    # EAPMCascadeROIHeads, LibraROIHeads): the deltas' dw, dh are modulated, then decoded for
+    # the IoU loss.
     _C.MODEL.EAPM.REG.ENABLED = False
     # theta >= 0 of MF_reg = 1 + tanh(theta) - tanh(theta * GoS),
     # GoS = |t - t*| / (|t| + |t*|). The paper's best value is 1.0 (one-stage) / 1.5 (R-CNN);
-    # theta = 0 is exactly the balanced L1 loss (computed as with ENABLED False).
+    # theta = 0 is exactly the base box loss (computed as with ENABLED False).
     _C.MODEL.EAPM.REG.THETA = 1.0
     _C.MODEL.EAPM.RPN = CN()
     # EAPM binary cross entropy on the RPN's objectness (R-CNN models): the BCE evaluated at

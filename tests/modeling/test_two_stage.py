@@ -686,7 +686,7 @@ def test_eapm_iou_box_loss_is_the_iou_loss_at_the_modulated_deltas(loss_type, st
 
 def test_eapm_iou_regression_in_the_roi_heads_configs():
     """giou + MODEL.EAPM.REG with the EAPM ROI heads: valid and trains; at theta 0 it is
-    detectron2's giou bitwise; RetinaNet still needs balanced L1 for EAPM regression."""
+    detectron2's giou bitwise; smooth L1 cannot be modulated (RetinaNet or ROI heads)."""
     path = "quickstart/faster_rcnn_eapm_mu1.5.yaml"
     opts = ["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "giou", "MODEL.EAPM.REG.ENABLED", "True"]
     eapm.load_config(os.path.join(CONFIGS, path), opts)
@@ -707,9 +707,9 @@ def test_eapm_iou_regression_in_the_roi_heads_configs():
     assert torch.equal(l0["loss_box_reg"], lb["loss_box_reg"])
     _raises(
         "quickstart/retinanet.yaml",
-        ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "giou", "MODEL.EAPM.REG.ENABLED", "True"],
-        r"^Invalid config MODEL\.RETINANET\.BBOX_REG_LOSS_TYPE = 'giou': .*needs the "
-        r"'balanced_l1' box loss",
+        ["MODEL.EAPM.REG.ENABLED", "True"],
+        r"^Invalid config MODEL\.RETINANET\.BBOX_REG_LOSS_TYPE = 'smooth_l1': .*needs one of "
+        r"the box losses \('balanced_l1', 'giou', 'diou', 'ciou'\)",
     )
     _raises(
         path,

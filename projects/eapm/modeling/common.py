@@ -9,6 +9,7 @@ histograms are computed beside it, from the public attribute functions.
 from __future__ import annotations
 
 import torch
+from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit
@@ -18,14 +19,24 @@ from ..losses import (
     eapm_balanced_l1_loss,
     eapm_focal_loss_sum_with_stats,
     gap_over_sum,
+    gos,
+    modulate_prediction,
     modulating_factor,
+    tanh_factor,
 )
 
 __all__ = [
     "dense_loss_normalizer",
     "dense_focal_loss_sum",
     "box_reg_balanced_l1",
+    "eapm_iou_box_loss",
+    "put_reg_stats",
+    "IOU_BOX_LOSSES",
 ]
+
+# detectron2's IoU box losses (on boxes decoded from the deltas): EAPM regression modulates
+# their deltas before decoding (``eapm_iou_box_loss``)
+IOU_BOX_LOSSES = ("giou", "diou", "ciou")
 
 
 def dense_loss_normalizer(model, num_pos: int, mode: str, initial: float = 100.0) -> float:
@@ -90,6 +101,21 @@ def dense_focal_loss_sum(
     return loss
 
 
+@torch.no_grad()
+def put_reg_stats(gos_values, mf, histogram_period: int = 0, prefix: str = "eapm/reg") -> None:
+    """The mean GoS and MF of the dw, dh components of a dense head's foreground deltas as
+    ``{prefix}_gos`` / ``{prefix}_mf`` in the event storage, their histograms every
+    ``histogram_period`` iterations (nothing for no foreground)."""
+    if gos_values.numel() == 0:
+        return
+    storage = get_event_storage()
+    storage.put_scalar(f"{prefix}_gos", float(gos_values.mean()))
+    storage.put_scalar(f"{prefix}_mf", float(mf.mean()))
+    if histogram_period > 0 and storage.iter % histogram_period == 0:
+        storage.put_histogram(f"{prefix}_gos", gos_values.flatten())
+        storage.put_histogram(f"{prefix}_mf", mf.flatten())
+
+
 def box_reg_balanced_l1(
     pred_deltas,
     gt_deltas,
@@ -107,14 +133,8 @@ def box_reg_balanced_l1(
     alpha, gamma, beta = balanced_l1
     if theta > 0 and pred_deltas.numel() > 0:
         with torch.no_grad():
-            gos = gap_over_sum(pred_deltas[:, 2:], gt_deltas[:, 2:])
-            mf = modulating_factor(gos, theta)
-            storage = get_event_storage()
-            storage.put_scalar(f"{prefix}_gos", float(gos.mean()))
-            storage.put_scalar(f"{prefix}_mf", float(mf.mean()))
-            if histogram_period > 0 and storage.iter % histogram_period == 0:
-                storage.put_histogram(f"{prefix}_gos", gos.flatten())
-                storage.put_histogram(f"{prefix}_mf", mf.flatten())
+            ea = gap_over_sum(pred_deltas[:, 2:], gt_deltas[:, 2:])
+            put_reg_stats(ea, modulating_factor(ea, theta), histogram_period, prefix)
     return eapm_balanced_l1_loss(
         pred_deltas,
         gt_deltas,
@@ -125,3 +145,27 @@ def box_reg_balanced_l1(
         reduction="sum",
         compile_kernels=compile_kernels,
     )
+
+
+def eapm_iou_box_loss(
+    box2box_transform, anchors, gt_boxes, pred_deltas, gt_deltas, theta, loss_type
+):
+    """EAPM regression through the general recipe with detectron2's IoU losses: the dw, dh
+    of the (P, 4) ``pred_deltas`` are modulated by their Gap-over-Sum factor,
+    ``t' = t* + MF (t - t*)`` with ``MF = 1 + tanh(theta) - tanh(theta GoS)`` (dx, dy as
+    predicted), decoded on the (P, 4) ``anchors`` (proposals for the ROI heads) and given to
+    detectron2's ``loss_type`` ("giou", "diou", "ciou") against the (P, 4) ``gt_boxes``. The
+    gradient reaching ``pred_deltas`` is the IoU loss's gradient at ``t'`` (MF not
+    differentiated). Returns the summed loss and the (P, 2) GoS and MF of dw, dh."""
+    pred_mod, ea, mf = modulate_prediction(
+        pred_deltas, gt_deltas, gos, tanh_factor(theta), modulated_columns=(2, 3)
+    )
+    loss = _dense_box_regression_loss(
+        [anchors],
+        box2box_transform,
+        [pred_mod.unsqueeze(0)],
+        [gt_boxes],
+        ...,
+        loss_type,
+    )
+    return loss, ea[:, 2:], mf[:, 2:]

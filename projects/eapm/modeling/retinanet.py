@@ -27,7 +27,14 @@ from ..capabilities import (
 )
 from ..losses import GHMC, GHMR, check_balanced_l1_params, check_ghm_params
 from ..upstream import adapted_from
-from .common import box_reg_balanced_l1, dense_focal_loss_sum, dense_loss_normalizer
+from .common import (
+    IOU_BOX_LOSSES,
+    box_reg_balanced_l1,
+    dense_focal_loss_sum,
+    dense_loss_normalizer,
+    eapm_iou_box_loss,
+    put_reg_stats,
+)
 from .keys import (
     BALANCED_L1_CHECKS,
     BOX_REG_LOSSES,
@@ -90,8 +97,10 @@ class EAPMRetinaNet(
     Extra args (besides RetinaNet's), all checked here (``ValueError``), as is
     ``box_reg_loss_type`` (one of ``RETINANET_BOX_REG_LOSSES``):
         eapm_cls_mu: mu >= 0 of EAPM focal loss; 0 = detectron2's focal loss.
-        eapm_reg_theta: theta >= 0 of EAPM balanced L1; 0 = no modulation. > 0 needs
-            ``box_reg_loss_type="balanced_l1"``.
+        eapm_reg_theta: theta >= 0 of EAPM regression; 0 = no modulation. > 0 needs
+            ``box_reg_loss_type`` "balanced_l1" (EAPM balanced L1) or one of detectron2's
+            IoU losses "giou" / "diou" / "ciou" (the dw, dh deltas modulated, then decoded:
+            ``eapm.modeling.common.eapm_iou_box_loss``).
         balanced_l1: (alpha, gamma, beta) > 0 of the balanced L1 loss.
         loss_normalizer: "ema" (detectron2) or "all_reduce" (mmdetection).
         histogram_period: log histograms of Dif / GoS / MF every this many iterations
@@ -119,6 +128,7 @@ class EAPMRetinaNet(
     """
 
     box_loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
+    eapm_box_losses = ("balanced_l1",) + IOU_BOX_LOSSES
     head_norm_key = "MODEL.RETINANET.NORM"
 
     @configurable
@@ -246,6 +256,8 @@ class EAPMRetinaNet(
             loss_box_reg = self._balanced_l1_box_loss(
                 anchors, pred_anchor_deltas, gt_boxes, pos_mask
             )
+        elif self.eapm_reg_theta > 0:  # an IoU loss (check_box_loss)
+            loss_box_reg = self._eapm_iou_box_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
         else:
             loss_box_reg = _dense_box_regression_loss(
                 anchors,
@@ -292,13 +304,38 @@ class EAPMRetinaNet(
             total = total + self.ghm_reg(pred[:, sl][pos], gt_deltas)
         return total
 
-    def _balanced_l1_box_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
-        """Summed (EAPM) balanced L1 over the foreground anchors' deltas (a scalar)."""
+    def _foreground_deltas(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
+        """The foreground anchors' (P, 4) boxes, GT boxes, predicted and target deltas."""
         anchors = type(anchors[0]).cat(anchors).tensor  # (R, 4)
         pos_gt = torch.stack(gt_boxes)[pos_mask]  # (P, 4)
         pos_anchors = anchors[None].expand(pos_mask.shape[0], -1, -1)[pos_mask]
         gt_deltas = self.box2box_transform.get_deltas(pos_anchors, pos_gt)
         pred = cat(pred_anchor_deltas, dim=1)[pos_mask]
+        return pos_anchors, pos_gt, pred, gt_deltas
+
+    def _eapm_iou_box_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
+        """Summed EAPM IoU loss (giou / diou / ciou at the modulated deltas) over the
+        foreground anchors (a scalar); GoS / MF of dw, dh as ``eapm/reg_gos`` / ``_mf``."""
+        pos_anchors, pos_gt, pred, gt_deltas = self._foreground_deltas(
+            anchors, pred_anchor_deltas, gt_boxes, pos_mask
+        )
+        loss, ea, mf = eapm_iou_box_loss(
+            self.box2box_transform,
+            pos_anchors,
+            pos_gt,
+            pred,
+            gt_deltas,
+            self.eapm_reg_theta,
+            self.box_reg_loss_type,
+        )
+        put_reg_stats(ea, mf, self.histogram_period)
+        return loss
+
+    def _balanced_l1_box_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
+        """Summed (EAPM) balanced L1 over the foreground anchors' deltas (a scalar)."""
+        _, _, pred, gt_deltas = self._foreground_deltas(
+            anchors, pred_anchor_deltas, gt_boxes, pos_mask
+        )
         return box_reg_balanced_l1(
             pred,
             gt_deltas,

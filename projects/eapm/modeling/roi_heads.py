@@ -46,7 +46,6 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import cat, nonzero_tuple
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import ROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
@@ -58,13 +57,10 @@ from ..losses import (
     eapm_ce_stats,
     eapm_cross_entropy,
     gap_over_sum,
-    gos,
-    modulate_prediction,
     modulating_factor,
-    tanh_factor,
 )
 from ..upstream import adapted_from
-from .common import box_reg_balanced_l1
+from .common import IOU_BOX_LOSSES, box_reg_balanced_l1, eapm_iou_box_loss
 from .keys import (
     BALANCED_L1_CHECKS,
     BOX_REG_LOSSES,
@@ -95,8 +91,6 @@ __all__ = [
 ]
 
 check_box_reg_loss_type = OneOf("box_reg_loss_type", BOX_REG_LOSSES)
-# detectron2's IoU box losses, on the decoded boxes: EAPM modulates their deltas before decoding
-IOU_BOX_LOSSES = ("giou", "diou", "ciou")
 check_iou_balanced_num_bins = IntAtLeast("iou_balanced_num_bins", 0)
 check_iou_balanced_floor_fraction = NumberIn("iou_balanced_floor_fraction", 0, 1)
 
@@ -294,24 +288,18 @@ class EAPMFastRCNNOutputLayers(
     def _eapm_iou_loss(self, proposals, gt, fg_pred, fg_target):
         """Summed EAPM IoU loss (``box_reg_loss``) of P foreground ROIs: (P, 4) boxes and
         deltas."""
-        pred_mod, ea, mf = modulate_prediction(
+        loss, ea, mf = eapm_iou_box_loss(
+            self.box2box_transform,
+            proposals,
+            gt,
             fg_pred,
             fg_target,
-            gos,
-            tanh_factor(self.eapm_reg_theta),
-            modulated_columns=(2, 3),  # dw, dh (GoS is defined for them)
+            self.eapm_reg_theta,
+            self.box_reg_loss_type,
         )
         if fg_pred.shape[0] > 0:
-            self._log_reg_stats(ea[:, 2:], mf[:, 2:], means=True)
-        return _dense_box_regression_loss(
-            [proposals],
-            self.box2box_transform,
-            [pred_mod.unsqueeze(0)],
-            [gt],
-            ...,
-            self.box_reg_loss_type,
-            self.smooth_l1_beta,
-        )
+            self._log_reg_stats(ea, mf, means=True)
+        return loss
 
     @torch.no_grad()
     def _log_reg_stats(self, gos_values, mf, *, means: bool) -> None:
