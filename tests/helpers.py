@@ -3,6 +3,7 @@
 * the tiny configs, synthetic batches and gradient norms of ``eapm.utils.testing`` (the
   tools use those too; the tools never import the tests), re-exported;
 * ``REPO`` / ``CONFIGS``: the repository root and its configs folder;
+* ``eapm_iou_reference``: EAPM regression with an IoU loss computed by hand;
 * tiny COCO-json datasets written to a temporary folder, and train_net.py run as a
   subprocess on them with a tiny model, so that a run (model build, a few iterations,
   COCO evaluation) takes seconds on two CPU cores."""
@@ -197,3 +198,28 @@ def record(obj, method: str) -> dict:
 
     setattr(obj, method, wrapper)
     return seen
+
+
+def eapm_iou_reference(t, t_star, theta, boxes, gt, box2box_transform, loss_type):
+    """EAPM regression with detectron2's ``loss_type`` IoU loss, by hand, on (P, 4) predicted
+    deltas ``t``, targets ``t_star``, anchor / proposal ``boxes`` and ``gt`` boxes: dw, dh
+    modulated, ``t' = t* + MF (t - t*)``, ``MF = 1 + tanh(theta) - tanh(theta GoS)``, decoded,
+    summed IoU loss. Returns a dict: "loss" (at t'), "grad" (its gradient w.r.t. t'),
+    "plain" (the IoU loss at t), "gos" and "mf" ((P, 4); only columns 2, 3 are used)."""
+    import math
+
+    import torch
+    from detectron2.layers import ciou_loss, diou_loss
+    from fvcore.nn import giou_loss
+
+    t = t.detach()
+    gos = (t - t_star).abs() / (t.abs() + t_star.abs())
+    mf = 1 + math.tanh(theta) - torch.tanh(theta * gos)
+    t_mod = t.clone()
+    t_mod[:, 2:] = t_star[:, 2:] + mf[:, 2:] * (t - t_star)[:, 2:]
+    leaf = t_mod.clone().requires_grad_()
+    fn = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}[loss_type]
+    loss = fn(box2box_transform.apply_deltas(leaf, boxes), gt, reduction="sum")
+    loss.backward()
+    plain = fn(box2box_transform.apply_deltas(t, boxes), gt, reduction="sum")
+    return {"loss": loss.detach(), "grad": leaf.grad, "plain": plain, "gos": gos, "mf": mf}

@@ -10,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from tests.helpers import CONFIGS, grad_norms, make_batch, tiny_cfg
+from tests.helpers import CONFIGS, eapm_iou_reference, grad_norms, make_batch, tiny_cfg
 
 RETINA = "quickstart/retinanet.yaml"
 EAPM_RETINA = "quickstart/eapm_retinanet.yaml"
@@ -214,9 +214,6 @@ def test_eapm_iou_box_loss_is_the_iou_loss_at_the_modulated_deltas(loss_type):
     dx, dy: t) over the positive anchors, divided by the normaliser; the gradient w.r.t. the
     predicted deltas is the IoU loss's gradient at t' (MF not differentiated), zero for the
     other anchors; GoS / MF of dw, dh go to the event storage."""
-    from detectron2.layers import ciou_loss, diou_loss
-    from fvcore.nn import giou_loss
-
     theta = 1.0
     cfg = tiny_cfg(
         RETINA,
@@ -248,26 +245,24 @@ def test_eapm_iou_box_loss_is_the_iou_loss_at_the_modulated_deltas(loss_type):
         loss = model.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)["loss_box_reg"]
     loss.backward()
 
-    t, ts = deltas.detach()[pos], t_star[pos]
-    gos = (t - ts).abs() / (t.abs() + ts.abs())
-    mf = 1 + math.tanh(theta) - torch.tanh(theta * gos)
-    assert (mf[:, 2:] > 1.05).all()
-    t_mod = t.clone()
-    t_mod[:, 2:] = ts[:, 2:] + mf[:, 2:] * (t - ts)[:, 2:]
-    leaf = t_mod.clone().requires_grad_()
-    fn = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}[loss_type]
     pos_anchors = all_anchors[None].expand(2, -1, -1)[pos]
-    pos_gt = torch.stack(gt_boxes)[pos]
-    decode = model.box2box_transform.apply_deltas
-    ref = fn(decode(leaf, pos_anchors), pos_gt, reduction="sum") / 3
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    ref = eapm_iou_reference(
+        deltas[pos],
+        t_star[pos],
+        theta,
+        pos_anchors,
+        torch.stack(gt_boxes)[pos],
+        model.box2box_transform,
+        loss_type,
+    )
+    gos, mf = ref["gos"], ref["mf"]
+    assert (mf[:, 2:] > 1.05).all()
+    torch.testing.assert_close(loss, ref["loss"] / 3, rtol=1e-6, atol=1e-7)
     expected = torch.zeros(2, 5, 4)
-    expected[pos] = leaf.grad
+    expected[pos] = ref["grad"] / 3
     torch.testing.assert_close(deltas.grad, expected, rtol=1e-5, atol=1e-7)
     # not the plain IoU loss: the modulation changed the value
-    plain = fn(decode(t, pos_anchors), pos_gt, reduction="sum") / 3
-    assert abs(loss.item() - plain.item()) > 1e-4
+    assert abs(loss.item() - ref["plain"].item() / 3) > 1e-4
     latest = storage.latest()
     assert latest["eapm/reg_mf"][0] == pytest.approx(mf[:, 2:].mean().item(), rel=1e-6)
     assert latest["eapm/reg_gos"][0] == pytest.approx(gos[:, 2:].mean().item(), rel=1e-6)

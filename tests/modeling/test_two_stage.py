@@ -25,7 +25,7 @@ from detectron2.utils.events import EventStorage
 
 import eapm
 from eapm.losses import eapm_binary_cross_entropy_with_logits, eapm_cross_entropy
-from tests.helpers import CONFIGS, REPO, grad_norms, make_batch, tiny_cfg
+from tests.helpers import CONFIGS, REPO, eapm_iou_reference, grad_norms, make_batch, tiny_cfg
 
 MU = 1.5
 
@@ -631,9 +631,8 @@ def test_eapm_iou_box_loss_is_the_iou_loss_at_the_modulated_deltas(loss_type, st
     MF = 1 + tanh(theta) - tanh(theta GoS); dx, dy: t), summed over the foreground ROIs and
     divided by the sampled ROIs. Gradient w.r.t. the predicted deltas: the IoU loss's gradient
     w.r.t. t' (MF not differentiated); zero for the background ROIs and the other classes."""
-    from detectron2.layers import ShapeSpec, ciou_loss, diou_loss
+    from detectron2.layers import ShapeSpec
     from detectron2.modeling.box_regression import Box2BoxTransform
-    from fvcore.nn import giou_loss
 
     from eapm.modeling import EAPMFastRCNNOutputLayers
 
@@ -662,23 +661,23 @@ def test_eapm_iou_box_loss_is_the_iou_loss_at_the_modulated_deltas(loss_type, st
     loss = layer.box_reg_loss(proposals, gt, pred, classes)
     loss.backward()
 
-    t = pred.detach().view(4, 3, 4)[fg, classes[fg]]
-    gos = (t - t_star).abs() / (t.abs() + t_star.abs())
-    mf = 1 + math.tanh(theta) - torch.tanh(theta * gos)
+    ref = eapm_iou_reference(
+        pred.view(4, 3, 4)[fg, classes[fg]],
+        t_star,
+        theta,
+        proposals[fg],
+        gt[fg],
+        layer.box2box_transform,
+        loss_type,
+    )
+    gos, mf = ref["gos"], ref["mf"]
     assert (mf[:, 2:] > 1.05).all()
-    t_mod = t.clone()
-    t_mod[:, 2:] = t_star[:, 2:] + mf[:, 2:] * (t - t_star)[:, 2:]
-    leaf = t_mod.clone().requires_grad_()
-    fn = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}[loss_type]
-    ref = fn(layer.box2box_transform.apply_deltas(leaf, proposals[fg]), gt[fg], reduction="sum") / 4
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, ref["loss"] / 4, rtol=1e-6, atol=1e-7)
     expected = torch.zeros(4, 3, 4)
-    expected[fg, classes[fg]] = leaf.grad
+    expected[fg, classes[fg]] = ref["grad"] / 4
     torch.testing.assert_close(pred.grad.view(4, 3, 4), expected, rtol=1e-5, atol=1e-7)
     # not the plain IoU loss: the modulation changed the value
-    plain = fn(layer.box2box_transform.apply_deltas(t, proposals[fg]), gt[fg], reduction="sum") / 4
-    assert abs(loss.item() - plain.item()) > 1e-4
+    assert abs(loss.item() - ref["plain"].item() / 4) > 1e-4
     latest = storage.latest()
     assert latest["eapm/reg_mf"][0] == pytest.approx(mf[:, 2:].mean().item(), rel=1e-6)
     assert latest["eapm/reg_gos"][0] == pytest.approx(gos[:, 2:].mean().item(), rel=1e-6)
