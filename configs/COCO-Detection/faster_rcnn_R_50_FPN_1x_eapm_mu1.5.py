@@ -8,9 +8,9 @@ from eapm.modeling import EAPMFastRCNNOutputLayers, EAPMROIHeads
 from .faster_rcnn_R_50_FPN_1x import dataloader, lr_multiplier, model, optimizer, train
 
 model.roi_heads._target_ = EAPMROIHeads
-predictor = model.roi_heads.box_predictor
-predictor._target_ = EAPMFastRCNNOutputLayers
-predictor.eapm_cls_mu = 1.5  # MODEL.EAPM.CLS.MU
-predictor.histogram_period = 0  # MODEL.EAPM.HISTOGRAM_PERIOD
-del predictor
+model.roi_heads.box_predictor.update(
+    _target_=EAPMFastRCNNOutputLayers,
+    eapm_cls_mu=1.5,  # MODEL.EAPM.CLS.MU
+    histogram_period=0,  # MODEL.EAPM.HISTOGRAM_PERIOD
+)
 train.output_dir = "./output/coco/faster_rcnn_R_50_FPN_1x_eapm_mu1.5"

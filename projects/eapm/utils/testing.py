@@ -101,7 +101,8 @@ def tiny_lazy_cfg(config_file: str, *overrides: str):
     """The LazyConfig ``config_file`` (see ``get_config_file``) with its ``model`` shrunk as
     ``tiny_cfg`` shrinks a yacs config: R-18 at width 64 (BatchNorm, nothing frozen, no stride
     in the 1x1 conv), 32-channel FPN, 1 head conv (dense heads), 64 RoIs and 64 anchors per image,
-    200 proposals in training and a 64-wide box head (R-CNN); loss kernels not compiled.
+    200 proposals in training and 64-wide box heads (R-CNN, every cascade stage; the mask
+    head reads the 32-channel FPN); loss kernels not compiled.
     The ``key=value`` ``overrides`` are applied last. For RetinaNet-, FCOS- and
     GeneralizedRCNN-shaped models, with or without a ``BalancedFeaturePyramid`` around the
     FPN; returns the (not instantiated) config."""
@@ -137,11 +138,16 @@ def tiny_lazy_cfg(config_file: str, *overrides: str):
         rpn.post_nms_topk = (200, rpn.post_nms_topk[1])
         heads = model.roi_heads
         heads.batch_size_per_image = 64
-        heads.box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
-        heads.box_head.fc_dims = [64, 64]
-        heads.box_predictor.input_shape = ShapeSpec(channels=64)
-        if "compile_kernels" in heads.box_predictor:
-            heads.box_predictor.compile_kernels = False
+        cascade = "box_heads" in heads  # CascadeROIHeads: one box head and predictor per stage
+        for box_head in heads.box_heads if cascade else [heads.box_head]:
+            box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
+            box_head.fc_dims = [64, 64]
+        for predictor in heads.box_predictors if cascade else [heads.box_predictor]:
+            predictor.input_shape = ShapeSpec(channels=64)
+            if "compile_kernels" in predictor:
+                predictor.compile_kernels = False
+        if "mask_head" in heads:  # Mask R-CNN: the mask head reads the 32-channel FPN
+            heads.mask_head.input_shape = ShapeSpec(channels=32, width=14, height=14)
     return LazyConfig.apply_overrides(cfg, list(overrides))
 
 
