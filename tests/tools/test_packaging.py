@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import REPO
 
-SOURCES = ["setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md"]
+SOURCES = ["setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]
 
 
 def _run(cmd, **kw):
@@ -61,6 +61,9 @@ def test_wheel_installs_with_configs(tmp_path):
         if "__pycache__" not in p
     )
     assert configs == repo_configs
+    # the Apache-2.0 text setup.cfg's license names travels in the wheel's metadata
+    (license_file,) = [n for n in names if n.endswith(".dist-info/LICENSE")]
+    assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()
 
     # a fresh venv from the base interpreter; torch & co. visible through a .pth line (which
     # does not run the project venv's own .pth files: its editable eapm stays invisible)
