@@ -316,21 +316,36 @@ def _validate_capabilities(cfg: CN) -> None:
         _checked(cfg, arch.head_norm_key, lambda v: arch.check_head_norm(v, channels))
 
 
+def _registered_capable(cfg: CN, registry, name_key, capability, switch_key, lacks, use):
+    """The class registered under the name at ``name_key``; a ``switch_key`` switched on that
+    it cannot honour (not a subclass of ``capability``) is an error naming it, that says what
+    the class ``lacks`` and which classes to ``use`` instead."""
+    name = _get(cfg, name_key)
+    cls = _registered(registry, name_key, name)
+    if not issubclass(cls, capability):
+        _fail(
+            switch_key,
+            True,
+            f"{name_key} {name!r} ({_describe(cls)}) has no {lacks} and would train without "
+            f"it; use {use}",
+        )
+    return cls
+
+
 def _validate_rcnn_eapm_cls(cfg: CN) -> None:
     """MODEL.EAPM.CLS of an R-CNN model: EAPM cross entropy in the ROI box predictor(s)."""
     e = cfg.MODEL.EAPM
     if not e.CLS.ENABLED:
         return
-    name = cfg.MODEL.ROI_HEADS.NAME
-    heads = _registered(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", name)
-    if not issubclass(heads, SupportsEAPMSoftmaxCE):
-        _fail(
-            "MODEL.EAPM.CLS.ENABLED",
-            True,
-            f"MODEL.ROI_HEADS.NAME {name!r} ({_describe(heads)}) has no EAPM cross entropy in "
-            "its box predictor and would train without it; use 'EAPMROIHeads', "
-            "'EAPMCascadeROIHeads' or 'LibraROIHeads' (or a subclass)",
-        )
+    heads = _registered_capable(
+        cfg,
+        ROI_HEADS_REGISTRY,
+        "MODEL.ROI_HEADS.NAME",
+        SupportsEAPMSoftmaxCE,
+        "MODEL.EAPM.CLS.ENABLED",
+        "EAPM cross entropy in its box predictor",
+        "'EAPMROIHeads', 'EAPMCascadeROIHeads' or 'LibraROIHeads' (or a subclass)",
+    )
     mu = float(e.CLS.MU)
     _checked(cfg, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", lambda v: heads.check_cls_loss(v, mu))
 
@@ -345,15 +360,15 @@ def _validate_eapm_rpn(cfg: CN, arch, where: str) -> None:
             True,
             f"{where} has no proposal generator (RPN) whose objectness EAPM could modulate",
         )
-    name = cfg.MODEL.PROPOSAL_GENERATOR.NAME
-    gen = _registered(PROPOSAL_GENERATOR_REGISTRY, "MODEL.PROPOSAL_GENERATOR.NAME", name)
-    if not issubclass(gen, SupportsEAPMObjectness):
-        _fail(
-            "MODEL.EAPM.RPN.ENABLED",
-            True,
-            f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} ({_describe(gen)}) has no EAPM objectness "
-            "loss and would train without it; use 'EAPMRPN' (or a subclass)",
-        )
+    _registered_capable(
+        cfg,
+        PROPOSAL_GENERATOR_REGISTRY,
+        "MODEL.PROPOSAL_GENERATOR.NAME",
+        SupportsEAPMObjectness,
+        "MODEL.EAPM.RPN.ENABLED",
+        "EAPM objectness loss",
+        "'EAPMRPN' (or a subclass)",
+    )
 
 
 # ---------------------------------------------------------------------------
