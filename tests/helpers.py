@@ -2,7 +2,8 @@
 
 * the tiny configs, synthetic batches and gradient norms of ``eapm.utils.testing`` (the
   tools use those too; the tools never import the tests), re-exported;
-* ``REPO`` / ``CONFIGS``: the repository root and its configs folder;
+* ``REPO`` / ``CONFIGS``: the repository root and its configs folder; ``load_tool``: a
+  script of ``tools/`` imported as a module;
 * ``eapm_iou_reference``: EAPM regression with an IoU loss computed by hand;
 * tiny COCO-json datasets written to a temporary folder, and train_net.py run as a
   subprocess on them with a tiny model, so that a run (model build, a few iterations,
@@ -23,6 +24,21 @@ from eapm.utils.testing import grad_norms, make_batch, tiny_cfg  # noqa: F401  (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+TOOLS = os.path.join(REPO, "tools")
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` executed as the module ``eapm_tool_<name>`` (a fresh one per call)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"eapm_tool_{name}", os.path.join(TOOLS, f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
 
 SIZE = 64
 

@@ -4,31 +4,19 @@ and the committed copy in docs/figures is there."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 
 import torch
 
 from eapm.losses import modulating_factor
-from tests.helpers import REPO
+from tests.helpers import REPO, load_tool
 
 NAME = "eapm_cross_entropy_gradient.png"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "eapm_tool_plot_gradients_ce", os.path.join(REPO, "tools", "plot_gradients.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ce_curves_are_the_closed_form():
-    tool = _tool()
+    tool = load_tool("plot_gradients")
     p_y = 1.0 - tool.dif_grid()
     ce = tool.ce_grad(p_y, 0.0)
     torch.testing.assert_close(ce, 1.0 - p_y, rtol=1e-12, atol=1e-15)
@@ -44,7 +32,7 @@ def test_ce_curves_are_the_closed_form():
 
 
 def test_ce_figure_written_and_committed(tmp_path):
-    tool = _tool()
+    tool = load_tool("plot_gradients")
     assert NAME in tool.FIGURES
     out = tmp_path / NAME
     tool.plot_cross_entropy(str(out))

@@ -10,10 +10,8 @@ detectron2's bitwise."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -25,7 +23,15 @@ from detectron2.utils.events import EventStorage
 
 import eapm
 from eapm.losses import eapm_binary_cross_entropy_with_logits, eapm_cross_entropy
-from tests.helpers import CONFIGS, REPO, eapm_iou_reference, grad_norms, make_batch, tiny_cfg
+from tests.helpers import (
+    CONFIGS,
+    REPO,
+    eapm_iou_reference,
+    grad_norms,
+    load_tool,
+    make_batch,
+    tiny_cfg,
+)
 
 MU = 1.5
 
@@ -598,18 +604,8 @@ def test_rcnn_lazy_twins_equal_yacs(path):
 
 
 # ------------------------------------------------------ tools/ablation.py two-stage variants
-def _ablation():
-    spec = importlib.util.spec_from_file_location(
-        "eapm_tool_ablation_two_stage", os.path.join(REPO, "tools", "ablation.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ablation_two_stage_variants(tmp_path, capsys):
-    tool = _ablation()
+    tool = load_tool("ablation")
     two = [
         "faster_rcnn",
         "faster_rcnn_eapm_mu1.0",

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -16,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, make_batch, tiny_cfg
+from tests.helpers import REPO, TOOLS, load_tool, make_batch, tiny_cfg
 
-TOOLS = os.path.join(REPO, "tools")
 EAPM_TAGS = (
     "eapm/cls_dif_pos",
     "eapm/cls_dif_neg",
@@ -27,16 +25,6 @@ EAPM_TAGS = (
     "eapm/reg_gos",
     "eapm/reg_mf",
 )
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f"eapm_tool_{name}", os.path.join(TOOLS, f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def event_tags(folder):
