@@ -210,7 +210,7 @@ def _base_schedule(config: str, opts: Tuple[str, ...]) -> Dict:
 
     cfg = get_cfg()
     eapm.add_eapm_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, config))
+    eapm.config.merge_config_file(cfg, os.path.join(REPO, config))
     cfg.merge_from_list(list(opts))
     s = cfg.SOLVER
     return {

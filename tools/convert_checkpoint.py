@@ -4,6 +4,10 @@
     python tools/convert_checkpoint.py IN                      # check: loads as data, or why not
     python tools/convert_checkpoint.py --trust-source IN OUT   # convert a trusted file
 
+The check reads IN exactly as training does (``eapm.safe_load``) and prints ``OK: ...``
+(exit 0), ``REFUSED: ...`` (it refers to code: exit 1) or ``DAMAGED: ...`` (it cannot be
+read: truncated, corrupted, not a checkpoint, not a regular file: exit 1).
+
 Every load of this project refuses a checkpoint that refers to anything but tensors,
 arrays, numbers, strings and containers (``eapm.safe_load``). ``--trust-source`` is the one
 way past that check, and it is explicit and one-off: IN is read with plain ``pickle`` /
@@ -25,7 +29,7 @@ from typing import Any, List
 import numpy as np
 import torch
 
-from eapm.safe_load import UnsafeCheckpointError, load_checkpoint_file
+from eapm.safe_load import DamagedCheckpointError, UnsafeCheckpointError, load_checkpoint_file
 
 _PLAIN = (str, bytes, int, float, bool, type(None))
 _DROP = object()  # what to_data returns for a value it drops
@@ -89,10 +93,18 @@ def main(argv=None) -> int:
         except UnsafeCheckpointError as e:
             print(f"REFUSED: {e}", file=sys.stderr)
             return 1
+        except DamagedCheckpointError as e:
+            print(f"DAMAGED: {e}", file=sys.stderr)
+            return 1
         print(f"OK: {args.input} loads as data")
         return 0
     if not args.output:
         parser.error("--trust-source needs OUTPUT")
+    print(
+        f"WARNING: --trust-source reads {args.input} with plain pickle / torch.load, which RUNS "
+        "any code the file holds: use it only for a file from a source you trust",
+        file=sys.stderr,
+    )
     dropped: List[str] = []
     data = to_data(_trusted_load(args.input), "checkpoint", dropped)
     if data is _DROP or not isinstance(data, dict):

@@ -7,8 +7,9 @@
   (``os.replace``, atomic on POSIX file systems). A process killed during a save leaves at
   most a stray temporary file; the previous checkpoint and ``last_checkpoint`` stay intact.
 * ``resume_or_load(path, resume=True)`` that finds the last checkpoint unreadable (truncated,
-  not a checkpoint, missing) logs a warning naming the file and its error, and resumes from
-  the newest readable ``model_*.pth`` before it; with none left it raises
+  not a checkpoint, missing: ``DamagedCheckpointError``) logs a warning naming the file and
+  its error, and resumes from the newest readable ``model_*.pth`` before it; with none left
+  it raises
   ``DamagedCheckpointError`` naming every file it tried.
 * every file is loaded as data (``eapm.safe_load``): tensors, arrays, numbers, strings and
   containers only. A file that refers to anything else raises ``UnsafeCheckpointError``
@@ -21,16 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
-import zipfile
 from typing import Any, Dict, List
 from urllib.parse import parse_qs
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .safe_load import UnsafeCheckpointError, checkpoint_format, load_checkpoint_file
+from .safe_load import (
+    DamagedCheckpointError,
+    UnsafeCheckpointError,
+    checkpoint_format,
+    load_checkpoint_file,
+)
 from .upstream import adapted_from
 
 __all__ = [
@@ -42,24 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# errors torch.load / pickle raise on a truncated or foreign file
-_READ_ERRORS = (
-    RuntimeError,
-    EOFError,
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-    OSError,
-    ValueError,
-)
 _ITER_FILE = re.compile(r"^model_(\d+)\.pth$")
-
-
-class DamagedCheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read (``path``: the file; ``__cause__``: why)."""
-
-    def __init__(self, path: str, msg: str):
-        super().__init__(msg)
-        self.path = path
 
 
 class _AtomicFile:
@@ -125,14 +112,7 @@ class EAPMCheckpointer(DetectionCheckpointer):
             self._parsed_url_during_load = None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        try:
-            data = self._load_file_as_data(filename)
-        except UnsafeCheckpointError:
-            raise
-        except _READ_ERRORS as e:
-            raise DamagedCheckpointError(
-                filename, f"checkpoint {filename} cannot be read ({type(e).__name__}: {e})"
-            ) from e
+        data = self._load_file_as_data(filename)  # raises the two errors of eapm.safe_load
         if not isinstance(data, dict) or "model" not in data:
             raise DamagedCheckpointError(filename, f"checkpoint {filename} holds no model")
         return data

@@ -11,9 +11,76 @@ loaded config against the registered classes, naming the key.
 
 from __future__ import annotations
 
+import os
+from typing import Any, List
+
+import yaml
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_eapm_config"]
+__all__ = ["ConfigFileError", "add_eapm_config", "config_file_chain", "merge_config_file"]
+
+
+class ConfigFileError(ValueError):
+    """A yaml config file that cannot be read as data (``path``: the file at fault)."""
+
+    def __init__(self, path: str, msg: str):
+        super().__init__(f"config {path}: {msg}")
+        self.path = path
+
+
+def _read_yaml(path: str) -> Any:
+    """The content of the yaml file ``path``, read with ``yaml.safe_load``: plain values
+    only, never a Python object (``!!python/...`` tags are an error naming the tag)."""
+    from detectron2.utils.file_io import PathManager
+
+    try:
+        with PathManager.open(path, "r") as f:
+            return yaml.safe_load(f)
+    except yaml.constructor.ConstructorError as e:
+        line = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ConfigFileError(
+            path,
+            f"{e.problem}{line}: configs are read as data, and a yaml tag that builds a "
+            "Python object is not allowed",
+        ) from None
+    except (OSError, yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+        raise ConfigFileError(path, f"cannot be read ({type(e).__name__}: {e})") from None
+
+
+def config_file_chain(path: str) -> List[str]:
+    """``path`` and the files its ``_BASE_`` chain names, each resolved as detectron2 does
+    (relative to the file that names it), every one read as data (``yaml.safe_load``).
+
+    Raises ``ConfigFileError`` naming the file: a Python tag, a file that cannot be read,
+    or a ``_BASE_`` loop (with the files of the loop)."""
+    chain: List[str] = []
+    while True:
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in chain:
+            loop = " -> ".join(chain[chain.index(real) :] + [real])
+            raise ConfigFileError(path, f"its _BASE_ chain is a loop: {loop}")
+        if len(chain) and "://" not in path and not os.path.isfile(path):
+            raise ConfigFileError(chain[-1], f"its _BASE_ {path} is not a file")
+        chain.append(real)
+        data = _read_yaml(path)
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        if not base:
+            return chain
+        if not isinstance(base, str):
+            raise ConfigFileError(path, f"_BASE_ must be a file name, got {base!r}")
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(path), base)
+        path = base
+
+
+def merge_config_file(cfg: CN, path: str) -> CN:
+    """``cfg.merge_from_file(path)`` with every file of the ``_BASE_`` chain read as data
+    (detectron2's default retries with ``yaml.unsafe_load``, which runs ``!!python/...``
+    tags). Raises ``ConfigFileError`` (see ``config_file_chain``); returns ``cfg``."""
+    config_file_chain(path)
+    cfg.merge_from_file(path, allow_unsafe=False)
+    return cfg
 
 
 def add_eapm_config(cfg: CN) -> CN:

@@ -46,7 +46,7 @@ from .capabilities import (
     SupportsEAPMSoftmaxCE,
     SupportsGHM,
 )
-from .config import add_eapm_config
+from .config import add_eapm_config, merge_config_file
 from .data.image_check import LEVELS
 from .engine.solver import CLIP_TYPES
 
@@ -76,7 +76,7 @@ def load_config(
     """
     cfg = get_cfg()
     add_eapm_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
         cfg.MODEL.DEVICE = "cpu"

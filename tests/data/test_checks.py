@@ -280,7 +280,7 @@ def test_recoverable_images_and_boxes_pass(tmp_path, caplog):
         summary = _check(tmp_path, coco, level="decode")
     assert summary["images"] == 4 and summary["categories"] == [[0, "class0"], [5, "class5"]]
     warnings = "\n".join(summary["warnings"])
-    assert "1 boxes (e.g. annotation 3) lie wholly outside" in warnings
+    assert "1 boxes (e.g. annotation 3) are empty or lie wholly outside" in warnings
     assert re.search(r"1 images \(e\.g\. .*002\.png, mode I;16\) are 16/32-bit", warnings)
     assert warnings in "\n".join(r.getMessage() for r in caplog.records)
 
@@ -412,7 +412,87 @@ def test_training_set_without_annotations_rejected(tmp_path):
     js = dump(coco, str(tmp_path / "ann.json"))
     name = f"noanns_{abs(hash(str(tmp_path))) % 10**8}"
     cfg = _cfg([[name, js, imgs]], train=[name], embedded=str(tmp_path / "e"))
-    with pytest.raises(DatasetError, match=rf"Dataset '{name}' .*: no annotation"):
+    with pytest.raises(DatasetError, match=rf"Dataset '{name}' .*: none of its 0 annotations"):
         register_from_config(cfg)
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # all-background training is allowed
     register_from_config(cfg)
+
+
+def _polygons_only(tmp_path, polygon):
+    coco, imgs = _dataset(tmp_path)
+    for ann in coco["annotations"]:
+        ann["segmentation"] = [list(polygon)]
+    return coco, imgs
+
+
+def test_a_training_set_whose_polygons_detectron2_drops_is_rejected(tmp_path):
+    from eapm.data import register_from_config
+
+    coco, imgs = _polygons_only(tmp_path, [1.0, 1.0, 9.0, 1.0, 9.0])  # odd: detectron2 drops it
+    n = len(coco["annotations"])
+    summary = _check(tmp_path, coco)
+    assert summary["trainable_annotations"] == 0
+    assert f"{n} annotations (e.g. id 1) have no polygon of at least 3 points" in "\n".join(
+        summary["warnings"]
+    )
+    name = f"oddpoly_{abs(hash(str(tmp_path))) % 10**8}"
+    cfg = _cfg([[name, str(tmp_path / "ann.json"), imgs]], train=[name], embedded=str(tmp_path))
+    with pytest.raises(DatasetError, match=rf"'{name}' .*none of its {n} annotations survives"):
+        register_from_config(cfg)
+
+
+def test_valid_polygons_and_rle_are_trainable(tmp_path):
+    coco, _ = _polygons_only(tmp_path, [1.0, 1.0, 9.0, 1.0, 9.0, 9.0])
+    coco["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": [64 * 60, 64 * 4]}
+    coco["annotations"][1]["segmentation"] = {"size": [64, 64], "counts": "PPYo0"}
+    assert _check(tmp_path, coco)["trainable_annotations"] == len(coco["annotations"])
+
+
+@pytest.mark.parametrize(
+    "segmentation, match",
+    [
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "must be a list of polygons"),  # flat list
+        ([["1", "2", "3", "4", "5", "6"]], "not a finite number"),
+        ([[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]], "not a finite number"),
+        ({"size": [32, 64], "counts": "abc"}, r"RLE segmentation has size \[32, 64\]"),
+        ({"size": [64, 64], "counts": [1, 2]}, "run lengths"),
+        ({"size": [64, 64], "counts": 7}, "run lengths"),
+        ("polygon", "must be a list of polygons"),
+    ],
+)
+def test_a_segmentation_detectron2_cannot_read_names_the_annotation(tmp_path, segmentation, match):
+    coco, _ = _dataset(tmp_path)
+    coco["annotations"][1]["segmentation"] = segmentation
+    with pytest.raises(DatasetError, match=_where(tmp_path) + r"annotation 2 of .*" + match):
+        _check(tmp_path, coco)
+
+
+@pytest.mark.parametrize(
+    "where, value, match",
+    [
+        ("image", [1], r"the id of images\[0\] must be an integer or a string, got \[1\]"),
+        ("image", {"a": 1}, r"the id of images\[0\] must be an integer or a string"),
+        ("annotation", [3], r"the id of annotations\[0\] must be an integer or a string"),
+        ("image_id", {"x": 0}, r"the image_id of annotation 1 must be an integer or a string"),
+        ("category", [1], r"the id of categories\[0\] must be an integer or a string"),
+        ("category_id", [1], r"annotation 1 of .* has category_id \[1\]"),
+        ("file_name", "a\0.png", r"image 1: its 'file_name' holds a NUL byte"),
+    ],
+)
+def test_ids_of_other_types_and_nul_bytes_name_the_entry(tmp_path, where, value, match):
+    coco, _ = _dataset(tmp_path)
+    target = {"image": ("images", "id"), "annotation": ("annotations", "id"),
+              "image_id": ("annotations", "image_id"), "category": ("categories", "id"),
+              "category_id": ("annotations", "category_id"),
+              "file_name": ("images", "file_name")}[where]  # fmt: skip
+    coco[target[0]][0][target[1]] = value
+    with pytest.raises(DatasetError, match=_where(tmp_path) + match):
+        _check(tmp_path, coco)
+
+
+def test_a_json_nested_too_deep_names_the_file(tmp_path):
+    js = tmp_path / "ann.json"
+    js.write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(DatasetError, match=re.escape(f"Dataset 'd': {js} is nested too deeply")):
+        check_coco_dataset("d", str(js), str(tmp_path / "imgs"))

@@ -1,5 +1,8 @@
-"""Checkpoints are data: a pickle that would run a command is refused, names the file and
-runs nothing; genuine detectron2, Caffe2 / MSRA, torchvision-converted and own files load."""
+"""Checkpoints are data: a file that would run code (a pickle payload of any protocol, in a
+``.pkl``, torch zip or legacy file, a TorchScript archive, BUILD on a global) is refused,
+names the file and runs nothing; a storage that claims more than its record holds is
+refused; every failure to read a file is one of the two named errors; genuine detectron2,
+Caffe2 / MSRA, torchvision-converted and own files of every protocol load."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from eapm.safe_load import UnsafeCheckpointError, load_checkpoint_file
+from eapm.safe_load import DamagedCheckpointError, UnsafeCheckpointError, load_checkpoint_file
 from tests.helpers import REPO, run_train_net, tail, tiny_datasets, tiny_opts
 
 
@@ -101,9 +104,9 @@ def test_genuine_files_of_each_kind_load(tmp_path):
 def test_a_damaged_file_is_not_called_unsafe(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"\x80\x02not a checkpoint" * 8)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(DamagedCheckpointError) as e:
         load_checkpoint_file(str(path))
-    assert not isinstance(e.value, UnsafeCheckpointError)
+    assert e.value.path == str(path) and str(path) in str(e.value)
 
 
 def test_convert_checkpoint_checks_and_converts_a_trusted_file(tmp_path):

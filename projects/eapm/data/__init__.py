@@ -3,5 +3,6 @@ from .register import (  # noqa: F401
     register_coco_json,
     register_embedded,
     register_from_config,
+    require_trainable,
 )
 from .validate import DatasetError, DatasetFileNotFoundError, check_coco_dataset  # noqa: F401

@@ -28,7 +28,7 @@ from .image_check import ImageJob, ImageResult
 logger = logging.getLogger(__name__)
 
 # bump when what the checks find changes: older entries are then ignored
-VERSION = 1
+VERSION = 2  # 2: segmentation, id types and trainable annotations are checked
 
 
 def cache_dir() -> str:

@@ -23,7 +23,13 @@ from .validate import (
     load_coco_json_text,
 )
 
-__all__ = ["register_embedded", "register_coco_json", "register_from_config", "EMBEDDED_NAMES"]
+__all__ = [
+    "register_embedded",
+    "register_coco_json",
+    "register_from_config",
+    "require_trainable",
+    "EMBEDDED_NAMES",
+]
 
 EMBEDDED_NAMES = tuple(f"eapm_shapes_{s.name}" for s in shapes.SPLITS)
 
@@ -163,8 +169,9 @@ def register_from_config(cfg) -> None:
     ``eapm.validate_config``). The COCO-json datasets this run uses (named in
     DATASETS.TRAIN or DATASETS.TEST) are checked now (``register_coco_json``'s
     ``check_now``, at level DATASETS.CHECK_IMAGES in DATASETS.CHECK_WORKERS threads), so a
-    bad one fails before the model is built; a training set without any (non-crowd)
-    annotation fails too while DATALOADER.FILTER_EMPTY_ANNOTATIONS is on.
+    bad one fails before the model is built; so does a training set none of whose
+    annotations detectron2 would train on, while DATALOADER.FILTER_EMPTY_ANNOTATIONS is on
+    (it would drop every image).
 
     Raises ``DatasetError`` / ``DatasetFileNotFoundError`` naming the dataset, file and id."""
     register_embedded(cfg.DATASETS.EMBEDDED_ROOT or None)
@@ -180,15 +187,25 @@ def register_from_config(cfg) -> None:
             check_workers=workers,
             check_now=name in used,
         )
-    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    if not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:  # all-background training is allowed
+        return
     for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
-        if name in cfg.DATASETS.TRAIN and filter_empty:
-            summary = check_coco_dataset(
-                name, json_file, image_root, level=level, num_workers=workers
-            )
-            if summary["trainable_annotations"] == 0:
-                raise DatasetError(
-                    f"Dataset '{name}' ({os.path.abspath(json_file)}): no annotation (other "
-                    "than iscrowd), so nothing to train on (DATASETS.TRAIN; "
-                    "DATALOADER.FILTER_EMPTY_ANNOTATIONS would drop every image)"
-                )
+        if name in cfg.DATASETS.TRAIN:
+            require_trainable(name, json_file, image_root, level, workers)
+
+
+def require_trainable(
+    name: str, json_file: str, image_root: str, level: str = "header", num_workers: int = 0
+) -> None:
+    """Raise ``DatasetError`` if the COCO-json training set ``name`` has no annotation
+    detectron2 would train on (none that is not iscrowd, has a non-empty box inside its
+    image and, where polygons are given, a polygon of at least 3 points): the run would
+    train on nothing. (Checks the dataset first, from the cache when unchanged.)"""
+    summary = check_coco_dataset(name, json_file, image_root, level=level, num_workers=num_workers)
+    if summary["trainable_annotations"] == 0:
+        raise DatasetError(
+            f"Dataset '{name}' ({os.path.abspath(json_file)}): none of its "
+            f"{summary['annotations']} annotations survives detectron2's filters (not "
+            "iscrowd, a non-empty box inside its image, a polygon of at least 3 points "
+            "where polygons are given), so there is nothing to train on"
+        )

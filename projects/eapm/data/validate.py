@@ -5,9 +5,13 @@ with a ``DatasetError`` naming the dataset, the json file and the image / annota
 
 Three stages, cheapest first (``check_coco_dataset``):
 
-1. the json text (no image file touched): syntax (line and column), structure, an empty
-   dataset, duplicate image / annotation / category ids, category ids missing from
-   ``categories``, boxes with a negative size or a non-finite value;
+1. the json text (no image file touched): syntax (line and column), nesting, structure, an
+   empty dataset, ids that are not integers or strings, duplicate image / annotation /
+   category ids, category ids missing from ``categories``, a NUL byte in a file name, boxes
+   with a negative size or a non-finite value, segmentations detectron2 cannot read
+   (polygons that are not lists of finite numbers, an RLE of another size than its image);
+   and it counts the annotations detectron2 will train on (not crowd, a non-empty box inside
+   the image, a polygon of at least 3 points where polygons are given);
 2. per image, in a thread pool (``eapm.data.image_check``): the file exists (one ``stat``),
    and by ``level``: ``"header"`` opens it and reads its header (format, size, EXIF
    orientation: a few KB), ``"decode"`` also decodes every pixel (the only way to find a
@@ -27,6 +31,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -85,6 +90,10 @@ def load_coco_json_text(name: str, json_file: str) -> Dict:
         raise DatasetError(f"Dataset '{name}': cannot read {json_file} ({e})") from e
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise DatasetError(
+            f"Dataset '{name}': {json_file} is nested too deeply to be a COCO json"
+        ) from None
     except json.JSONDecodeError as e:
         raise DatasetError(
             f"Dataset '{name}': {json_file} is not valid JSON: line {e.lineno}, "
@@ -108,8 +117,10 @@ def categories_of(coco: Dict, name: str, json_file: str) -> List[Tuple[int, str]
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DatasetError(
                 f"{_where(name, json_file)}: categories[{i}] needs an 'id' and a 'name', "
-                f"got {_one_line(repr(c))[:200]}"
+                f"got {reprlib.repr(c)}"
             )
+        if not _is_id(c["id"]):
+            raise _id_error(_where(name, json_file), f"the id of categories[{i}]", c["id"])
         if c["id"] in seen:
             raise DatasetError(
                 f"{_where(name, json_file)}: category id {c['id']!r} appears twice "
@@ -117,6 +128,15 @@ def categories_of(coco: Dict, name: str, json_file: str) -> List[Tuple[int, str]
             )
         seen[c["id"]] = c["name"]
     return sorted(seen.items(), key=lambda kv: kv[0])
+
+
+def _is_id(v) -> bool:
+    """Whether ``v`` can be a COCO id: an integer or a string (detectron2 uses ids as keys)."""
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _id_error(where: str, what: str, v) -> DatasetError:
+    return DatasetError(f"{where}: {what} must be an integer or a string, got {reprlib.repr(v)}")
 
 
 def _number(v) -> Optional[float]:
@@ -132,9 +152,13 @@ def _image_jobs(images: List, where: str, image_root: str) -> List[ImageJob]:
         if not isinstance(im, dict) or "id" not in im:
             raise DatasetError(f"{where}: images[{i}] has no 'id'")
         iid = im["id"]
+        if not _is_id(iid):
+            raise _id_error(where, f"the id of images[{i}]", iid)
         fname = im.get("file_name")
         if not isinstance(fname, str) or not fname:
             raise DatasetError(f"{where}: image {iid} has no 'file_name'")
+        if "\0" in fname:
+            raise DatasetError(f"{where}: image {iid}: its 'file_name' holds a NUL byte")
         if iid in by_id:
             raise DatasetError(
                 f"{where}: image id {iid} appears twice ('{by_id[iid].file_name}' and "
@@ -151,11 +175,13 @@ def _image_jobs(images: List, where: str, image_root: str) -> List[ImageJob]:
     return jobs
 
 
-def _check_annotation(ann: Dict, job: ImageJob, known: set, where: str) -> bool:
-    """Raise for a bad annotation of ``job``'s image; False if its box lies wholly
-    outside the image."""
+def _check_annotation(ann: Dict, job: ImageJob, known: set, where: str) -> str:
+    """Raise for a bad annotation of ``job``'s image; else what detectron2 will do with it:
+    ``"train"``, ``"crowd"`` (kept, not trained on), ``"outside"`` (its box lies wholly
+    outside the image, or is empty: dropped) or ``"no_polygon"`` (none of its polygons has
+    3 points: detectron2's ``load_coco_json`` drops the annotation)."""
     aid = ann["id"]
-    if ann.get("category_id") not in known:
+    if not _is_id(ann.get("category_id")) or ann["category_id"] not in known:
         raise DatasetError(
             f"{where}: annotation {aid} of image {job.file_name} has category_id "
             f"{ann.get('category_id')}, which is not among the file's 'categories' "
@@ -175,7 +201,52 @@ def _check_annotation(ann: Dict, job: ImageJob, known: set, where: str) -> bool:
             f"{where}: annotation {aid} of {job.path} has an invalid box {list(box)} "
             "(XYWH with negative size or non-finite value)"
         )
-    return x < job.width and y < job.height and x + w > 0 and y + h > 0
+    valid_polygons = _check_segmentation(
+        ann.get("segmentation"), job, f"{where}: annotation {aid} of {job.path}"
+    )
+    if ann.get("iscrowd", 0):
+        return "crowd"
+    if not (x < job.width and y < job.height and x + w > 0 and y + h > 0 and w > 0 and h > 0):
+        return "outside"
+    return "train" if valid_polygons else "no_polygon"
+
+
+def _check_segmentation(segm, job: ImageJob, where: str) -> bool:
+    """Raise for a ``segmentation`` detectron2 cannot read (not a list of polygons of
+    finite numbers, nor an RLE of the image's size); False if it is a list of polygons none
+    of which has at least 3 points (6 numbers, an even count), which detectron2 drops."""
+    if not segm:  # none, or empty: a box-only annotation
+        return True
+    if isinstance(segm, dict):
+        size, counts = segm.get("size"), segm.get("counts")
+        if size != [int(job.height), int(job.width)]:
+            raise DatasetError(
+                f"{where}: its RLE segmentation has size {reprlib.repr(size)}, but the image "
+                f"is [height, width] = [{job.height:g}, {job.width:g}]"
+            )
+        ok = isinstance(counts, str) or (
+            isinstance(counts, list)
+            and all(type(c) is int and c >= 0 for c in counts)
+            and sum(counts) == size[0] * size[1]
+        )
+        if not ok:
+            raise DatasetError(
+                f"{where}: its RLE 'counts' must be a string or run lengths (integers >= 0) "
+                "summing to height x width"
+            )
+        return True
+    if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
+        raise DatasetError(
+            f"{where}: its segmentation must be a list of polygons (lists of x, y numbers) "
+            f"or an RLE object, got {reprlib.repr(segm)}"
+        )
+    valid = False
+    for poly in segm:
+        values = [_number(v) for v in poly]
+        if any(v is None or not math.isfinite(v) for v in values):
+            raise DatasetError(f"{where}: a polygon holds a value that is not a finite number")
+        valid = valid or (len(poly) >= 6 and len(poly) % 2 == 0)
+    return valid
 
 
 def validate_coco(
@@ -188,10 +259,12 @@ def validate_coco(
     "warnings"}`` (counts, ``[[id, name], ...]`` and the warning lines).
 
     Raises ``DatasetError`` naming the image id / annotation id / category id at fault:
-    no images, an image without id / file_name / positive width and height, a duplicate
-    image, annotation or category id, an annotation whose category id is not among
-    ``categories``, a bbox that is not 4 finite numbers with a width and height >= 0,
-    ``ignore`` set (detectron2 does not support it)."""
+    no images, an image without id / file_name / positive width and height, an id that is
+    not an integer or a string, a NUL byte in a file name, a duplicate image, annotation or
+    category id, an annotation whose category id is not among ``categories``, a bbox that is
+    not 4 finite numbers with a width and height >= 0, a segmentation that is neither
+    polygons of finite numbers nor an RLE of the image's size, ``ignore`` set (detectron2
+    does not support it)."""
     where = _where(name, json_file)
     if not isinstance(coco, dict):
         raise DatasetError(
@@ -211,11 +284,16 @@ def validate_coco(
     by_id = {j.image_id: j for j in jobs}
     known = {c for c, _ in cats}
     ann_ids = set()
-    orphans, outside, trainable = [], [], 0
+    orphans: List = []
+    fates: Dict[str, List] = {"train": [], "crowd": [], "outside": [], "no_polygon": []}
     for k, ann in enumerate(anns):
         if not isinstance(ann, dict) or ann.get("id") is None:
             raise DatasetError(f"{where}: annotations[{k}] has no 'id'")
         aid = ann["id"]
+        if not _is_id(aid):
+            raise _id_error(where, f"the id of annotations[{k}]", aid)
+        if not _is_id(ann.get("image_id")):
+            raise _id_error(where, f"the image_id of annotation {aid}", ann.get("image_id"))
         if aid in ann_ids:
             raise DatasetError(f"{where}: annotation id {aid} appears twice")
         ann_ids.add(aid)
@@ -223,24 +301,28 @@ def validate_coco(
         if job is None:
             orphans.append(aid)
             continue
-        if not _check_annotation(ann, job, known, where):
-            outside.append(aid)
-        trainable += not ann.get("iscrowd", 0)
+        fates[_check_annotation(ann, job, known, where)].append(aid)
     warnings: List[str] = []
     if orphans:
         warnings.append(
             f"{where}: {len(orphans)} annotations (e.g. id {orphans[0]}) belong to no image "
             "in 'images'; they are dropped"
         )
+    outside, no_polygon = fates["outside"], fates["no_polygon"]
     if outside:
         warnings.append(
-            f"{where}: {len(outside)} boxes (e.g. annotation {outside[0]}) lie wholly outside "
-            "their image; they are clipped to empty boxes and dropped"
+            f"{where}: {len(outside)} boxes (e.g. annotation {outside[0]}) are empty or lie "
+            "wholly outside their image; they are clipped to empty boxes and dropped"
+        )
+    if no_polygon:
+        warnings.append(
+            f"{where}: {len(no_polygon)} annotations (e.g. id {no_polygon[0]}) have no polygon "
+            "of at least 3 points (6 numbers, an even count); detectron2 drops them"
         )
     summary = {
         "images": len(jobs),
         "annotations": len(anns),
-        "trainable_annotations": trainable,
+        "trainable_annotations": len(fates["train"]),
         "categories": [[c, n] for c, n in cats],
         "warnings": warnings,
     }

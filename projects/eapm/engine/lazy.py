@@ -45,10 +45,11 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf
 
 from ..checkpoint import EAPMCheckpointer
-from ..data import register_coco_json, register_embedded
+from ..config import config_file_chain
+from ..data import register_coco_json, register_embedded, require_trainable
 from .hooks import PreemptibleCheckpointer, ResumeState
 from .launch import create_ddp_model
 from .solver import clip_gradients, clip_kwargs
@@ -78,6 +79,8 @@ def load_lazy_config(config_file: str, overrides=()):
     """The LazyConfig of ``config_file`` with the ``key=value`` ``overrides`` applied
     (``LazyConfig.apply_overrides``); ``train.device`` becomes ``"cpu"`` when CUDA is not
     available. Nothing is instantiated (cheap: a bad key fails in seconds)."""
+    if not is_lazy_config(config_file):  # a .yaml LazyConfig: LazyConfig.load runs its tags
+        config_file_chain(config_file)
     cfg = LazyConfig.load(config_file)
     cfg = LazyConfig.apply_overrides(cfg, list(overrides))
     if "train" in cfg and not torch.cuda.is_available():
@@ -113,10 +116,16 @@ def _clip_kwargs(cfg) -> Dict[str, Any]:
     return {**clip_kwargs(_yacs_defaults()), **(cfg.train.get("clip_gradients", None) or {})}
 
 
-def _register_datasets(args) -> None:
+def _register_datasets(args, cfg) -> None:
     register_embedded(None)
+    names = OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None)
+    train = {names} if isinstance(names, str) else set(names or ())
+    if not OmegaConf.select(cfg, "dataloader.train.dataset.filter_empty", default=True):
+        train = set()  # all-background training is allowed, as on the yacs path
     for name, json_file, image_root in getattr(args, "register_coco", None) or ():
         register_coco_json(name, json_file, image_root, check_now=True)  # before the model
+        if name in train and not args.eval_only:
+            require_trainable(name, json_file, image_root)
 
 
 def setup(args):
@@ -125,7 +134,7 @@ def setup(args):
     cfg = load_lazy_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="eapm")
-    _register_datasets(args)
+    _register_datasets(args, cfg)
     return cfg
 
 

@@ -40,6 +40,7 @@ image.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Tuple
 
 import torch
@@ -93,6 +94,7 @@ __all__ = [
 check_box_reg_loss_type = OneOf("box_reg_loss_type", BOX_REG_LOSSES)
 check_iou_balanced_num_bins = IntAtLeast("iou_balanced_num_bins", 0)
 check_iou_balanced_floor_fraction = NumberIn("iou_balanced_floor_fraction", 0, 1)
+check_iou_balanced_floor_thresh = NumberIn("iou_balanced_floor_thresh", -math.inf, 1)
 
 
 class EAPMFastRCNNOutputLayers(
@@ -428,6 +430,7 @@ class LibraROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
         super().__init__(**kwargs)
         check_iou_balanced_num_bins(iou_balanced_num_bins)
         check_iou_balanced_floor_fraction(iou_balanced_floor_fraction)
+        check_iou_balanced_floor_thresh(iou_balanced_floor_thresh)
         if not isinstance(self.proposal_matcher, MaxIoUMatcher):
             self.proposal_matcher = MaxIoUMatcher.from_matcher(self.proposal_matcher)
         self.iou_balanced_num_bins = int(iou_balanced_num_bins)
@@ -452,6 +455,7 @@ class LibraROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
         return {
             "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS": check_iou_balanced_num_bins,
             "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION": check_iou_balanced_floor_fraction,
+            "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_THRESH": check_iou_balanced_floor_thresh,
             **super().config_checks(),
         }
 

@@ -65,7 +65,7 @@ def repo_cfg(config_file: Optional[str] = None, *opts):
     cfg = get_cfg()
     eapm.add_eapm_config(cfg)
     if config_file:
-        cfg.merge_from_file(get_config_file(config_file))
+        eapm.config.merge_config_file(cfg, get_config_file(config_file))
     cfg.merge_from_list(list(opts))
     return cfg
 
