@@ -506,7 +506,7 @@ def _open_regular(path: str):
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise _Damaged("it is not a regular file (a folder, FIFO or device)")
-    return os.fdopen(fd, "rb"), st.st_size
+    return os.fdopen(fd, "rb", buffering=0), st.st_size  # large reads go straight in
 
 
 def load_checkpoint_file(path: str) -> Any:

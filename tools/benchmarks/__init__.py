@@ -52,4 +52,4 @@ def help_text() -> str:
 
 # isort: off
 # the sections, in the run order (and --help's)
-from . import focal, box, step, sampler, bfp, ghm, resume, recipe, train  # noqa: E402,F401
+from . import focal, box, step, sampler, bfp, ghm, guards, resume, recipe, train  # noqa: E402,F401
