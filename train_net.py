@@ -6,6 +6,7 @@
         --num-gpus 8
     python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/quickstart/eapm_retinanet.py train.max_iter=100
+    python train_net.py --import my_project.modeling --config-file my_config.yaml  # your module
 
 A ``.py`` config file is a LazyConfig, trained by ``eapm.lazy`` with the same engine (same flags;
 overrides as key=value, e.g. train.init_checkpoint=output/model_final.pth with --eval-only).
@@ -29,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 import eapm
 from eapm import lazy
 from eapm.checkpoint import EAPMCheckpointer
+from eapm.config import import_modules
 from eapm.data import register_from_config
 from eapm.engine import EAPMTrainer, launch_from_args, preemption_exit
 from eapm.lazy import is_lazy_config
@@ -47,6 +49,7 @@ def load_config(args):
         training=not args.eval_only,
         world_size=args.num_gpus * args.num_machines,
         coco_json=args.register_coco or (),
+        imports=args.imports or (),
     )
 
 
@@ -76,6 +79,17 @@ def main(args):
 def build_parser():
     parser = default_argument_parser()
     parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help=(
+            "import MODULE first (repeatable; in every process): it registers your own models, "
+            "losses or datasets, and its add_config(cfg), if any, adds your config keys "
+            "before the config file is merged"
+        ),
+    )
+    parser.add_argument(
         "--register-coco",
         nargs=3,
         action="append",
@@ -94,6 +108,7 @@ def launch(args) -> None:
     (``eapm.lazy.main``) in every process, with the launcher's half of preemption around
     both (``preemption_exit``: SOLVER.PREEMPTION / ``train.preemption``)."""
     if is_lazy_config(args.config_file):  # a LazyConfig: detectron2's LazyConfig training loop
+        import_modules(args.imports or ())
         cfg = lazy.load_lazy_config(args.config_file, args.opts)
         entry, preemption = lazy.main, lazy.preemption_kwargs(cfg)
     else:

@@ -11,13 +11,56 @@ loaded config against the registered classes, naming the key.
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any, List
+from types import ModuleType
+from typing import Any, List, Sequence
 
 import yaml
 from detectron2.config import CfgNode as CN
 
-__all__ = ["ConfigFileError", "add_eapm_config", "config_file_chain", "merge_config_file"]
+__all__ = [
+    "ConfigFileError",
+    "add_eapm_config",
+    "add_module_configs",
+    "config_file_chain",
+    "import_modules",
+    "merge_config_file",
+]
+
+
+def import_modules(names: Sequence[str]) -> List[ModuleType]:
+    """Imports each module of ``names`` (``train_net.py --import``: a user's module that
+    registers models, losses or datasets), in order, and returns them.
+
+    Raises ``ImportError`` naming the module whose import failed, with its error."""
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as e:
+            raise ImportError(
+                f"--import {name}: importing it failed: {type(e).__name__}: {e}"
+            ) from e
+    return modules
+
+
+def add_module_configs(cfg: CN, modules: Sequence[ModuleType]) -> CN:
+    """Calls ``add_config(cfg)`` of each module of ``modules`` that defines it (a user's keys
+    with their defaults, as ``add_eapm_config`` adds the project's), so that a config file and
+    the command line can set them. Raises ``RuntimeError`` naming the module whose
+    ``add_config`` failed. Returns ``cfg``."""
+    for module in modules:
+        add = getattr(module, "add_config", None)
+        if add is None:
+            continue
+        try:
+            add(cfg)
+        except Exception as e:
+            raise RuntimeError(
+                f"{module.__name__}.add_config(cfg) failed: {type(e).__name__}: {e}"
+            ) from e
+    return cfg
 
 
 class ConfigFileError(ValueError):

@@ -46,7 +46,7 @@ from .capabilities import (
     SupportsEAPMSoftmaxCE,
     SupportsGHM,
 )
-from .config import add_eapm_config, merge_config_file
+from .config import add_eapm_config, add_module_configs, import_modules, merge_config_file
 from .data.image_check import LEVELS
 from .engine.solver import CLIP_TYPES
 
@@ -60,6 +60,7 @@ def load_config(
     training: bool = True,
     world_size: int = 1,
     coco_json: Iterable[Sequence[str]] = (),
+    imports: Sequence[str] = (),
 ) -> CN:
     """The project's config: detectron2's defaults + ``add_eapm_config``, merged from
     ``config_file`` and the ``KEY VALUE`` list ``opts``, validated (``validate_config``).
@@ -70,12 +71,17 @@ def load_config(
         world_size: the number of training processes (``--num-gpus x --num-machines``).
         coco_json: extra ``[name, json_file, image_root]`` entries appended to
             ``DATASETS.COCO_JSON``.
+        imports: modules to import first (``train_net.py --import``): they register their
+            classes, and the ``add_config(cfg)`` of each that defines one adds its keys
+            before the file and ``opts`` are merged (``eapm.config.add_module_configs``).
 
     Returns the (not yet frozen) config. MODEL.DEVICE falls back to "cpu" when CUDA is
     not available. Raises ``ValueError`` naming the key (see ``validate_config``).
     """
+    modules = import_modules(imports)
     cfg = get_cfg()
     add_eapm_config(cfg)
+    add_module_configs(cfg, modules)
     merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":

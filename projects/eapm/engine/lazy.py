@@ -48,7 +48,7 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import ListConfig, OmegaConf
 
 from ..checkpoint import EAPMCheckpointer
-from ..config import config_file_chain
+from ..config import config_file_chain, import_modules
 from ..data import register_coco_json, register_embedded, require_trainable
 from .hooks import PreemptibleCheckpointer, ResumeState
 from .launch import create_ddp_model
@@ -131,6 +131,7 @@ def _register_datasets(args, cfg) -> None:
 def setup(args):
     """Loads the config, sets up logging, the output folder and the seed (detectron2's
     ``default_setup``, as on the yacs path), registers the datasets. Returns the config."""
+    import_modules(getattr(args, "imports", None) or ())  # train_net.py --import, in each process
     cfg = load_lazy_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="eapm")
