@@ -34,6 +34,7 @@ from eapm.config import import_modules
 from eapm.data import register_from_config
 from eapm.engine import EAPMTrainer, launch_from_args, preemption_exit
 from eapm.lazy import is_lazy_config
+from eapm.validation import check_datasets_fit_model
 
 logger = logging.getLogger("eapm")
 
@@ -60,6 +61,7 @@ def setup(args):
     # the project's messages (preemption, damaged checkpoints, ...) in log.txt too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="eapm")
     register_from_config(cfg)
+    check_datasets_fit_model(cfg)  # before the model is built
     return cfg
 
 

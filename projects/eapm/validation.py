@@ -22,7 +22,7 @@ asks the registered classes); nothing below it imports it. ``validate_config`` r
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -47,10 +47,58 @@ from .capabilities import (
     SupportsGHM,
 )
 from .config import add_eapm_config, add_module_configs, import_modules, merge_config_file
+from .data import check_category_counts
 from .data.image_check import LEVELS
 from .engine.solver import CLIP_TYPES
 
-__all__ = ["load_config", "validate_config"]
+__all__ = ["check_datasets_fit_model", "keys_read_by_model", "load_config", "validate_config"]
+
+
+class _ReadRecorder(CN):
+    """A copy of a config that records every leaf key read as an attribute (full name ->
+    value) in the dict its root shares with its nodes (see ``keys_read_by_model``)."""
+
+    def __getattr__(self, name):
+        value = super().__getattr__(name)
+        if not isinstance(value, CN):
+            self.__dict__["_reads"][self.__dict__["_prefix"] + name] = value
+        return value
+
+
+def keys_read_by_model(cfg: CN) -> Dict[str, Any]:
+    """The config keys (full name -> value) that building ``cfg``'s model reads: the
+    registered meta-architecture's ``from_config`` and everything it builds (backbone,
+    proposal generator, heads), built on PyTorch's meta device (no memory, no weights; a
+    fraction of a second for an R-50-FPN model). A class honours a key if and only if it
+    reads it here. Raises what the model's constructors raise for the config's values."""
+    reads: Dict[str, Any] = {}
+    rec = _ReadRecorder(cfg)  # a deep copy whose nodes are recorders too
+
+    def tag(node: CN, prefix: str) -> None:
+        node.__dict__.update(_reads=reads, _prefix=prefix)
+        for k, v in node.items():
+            if isinstance(v, CN):
+                tag(v, f"{prefix}{k}.")
+
+    tag(rec, "")
+    arch = _registered(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE)
+    with torch.device("meta"):
+        arch(rec)
+    return reads
+
+
+def check_datasets_fit_model(cfg: CN) -> None:
+    """The category count of each registered dataset of DATASETS.TRAIN / TEST against the
+    class count the chosen model reads (``MODEL.RETINANET.NUM_CLASSES``, ``MODEL.FCOS.
+    NUM_CLASSES``, ``MODEL.ROI_HEADS.NUM_CLASSES``, ...: ``keys_read_by_model``). More
+    categories than classes raises ``DatasetError``; fewer logs a warning (see
+    ``eapm.data.check_category_counts``)."""
+    classes = {
+        k: v
+        for k, v in keys_read_by_model(cfg).items()
+        if k.split(".")[-1] == "NUM_CLASSES" and k != "MODEL.SEM_SEG_HEAD.NUM_CLASSES"  # stuff
+    }
+    check_category_counts([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST], classes)
 
 
 def load_config(

@@ -1,5 +1,6 @@
 from .register import (  # noqa: F401
     EMBEDDED_NAMES,
+    check_category_counts,
     register_coco_json,
     register_embedded,
     register_from_config,

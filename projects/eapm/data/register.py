@@ -28,6 +28,7 @@ __all__ = [
     "register_coco_json",
     "register_from_config",
     "require_trainable",
+    "check_category_counts",
     "EMBEDDED_NAMES",
 ]
 
@@ -209,3 +210,34 @@ def require_trainable(
             "iscrowd, a non-empty box inside its image, a polygon of at least 3 points "
             "where polygons are given), so there is nothing to train on"
         )
+
+
+def check_category_counts(names, classes) -> None:
+    """Compare the number of categories (``thing_classes``) of each registered dataset of
+    ``names`` with the model's class counts ``classes`` (``{key: count}``, the keys the
+    model reads, e.g. ``{"MODEL.RETINANET.NUM_CLASSES": 4}``).
+
+    Raises ``DatasetError`` naming the dataset, both numbers and the key when a dataset has
+    more categories than classes (its last categories would train as background, then crash
+    the loss); logs a warning naming the same when it has fewer. Datasets without
+    ``thing_classes`` are skipped."""
+    import logging
+
+    for name in dict.fromkeys(names):
+        if name not in DatasetCatalog.list():
+            continue
+        cats = MetadataCatalog.get(name).get("thing_classes", None)
+        if cats is None:
+            continue
+        n = len(cats)
+        for key, k in classes.items():
+            if n > k:
+                raise DatasetError(
+                    f"Dataset '{name}' has {n} categories, but the model has {k} classes "
+                    f"({key} = {k}); set {key} to {n}"
+                )
+            if n < k:
+                logging.getLogger(__name__).warning(
+                    f"Dataset '{name}' has {n} categories, fewer than the model's {k} classes "
+                    f"({key} = {k}); the other classes never see an example"
+                )

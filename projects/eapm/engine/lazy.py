@@ -45,11 +45,11 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..checkpoint import EAPMCheckpointer
 from ..config import config_file_chain, import_modules
-from ..data import register_coco_json, register_embedded, require_trainable
+from ..data import check_category_counts, register_coco_json, register_embedded, require_trainable
 from .hooks import PreemptibleCheckpointer, ResumeState
 from .launch import create_ddp_model
 from .solver import clip_gradients, clip_kwargs
@@ -128,6 +128,19 @@ def _register_datasets(args, cfg) -> None:
             require_trainable(name, json_file, image_root)
 
 
+def _num_classes(node, path: str) -> Dict[str, int]:
+    """The ``num_classes`` values of a LazyConfig's model tree, by their full key (e.g.
+    ``model.head.num_classes``): the LazyConfig spelling of ``*.NUM_CLASSES``."""
+    found: Dict[str, int] = {}
+    if isinstance(node, DictConfig):
+        for k, v in node.items_ex(resolve=False) if hasattr(node, "items_ex") else node.items():
+            if k == "num_classes" and isinstance(v, int):
+                found[f"{path}.{k}"] = v
+            else:
+                found.update(_num_classes(v, f"{path}.{k}"))
+    return found
+
+
 def setup(args):
     """Loads the config, sets up logging, the output folder and the seed (detectron2's
     ``default_setup``, as on the yacs path), registers the datasets. Returns the config."""
@@ -136,6 +149,10 @@ def setup(args):
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="eapm")
     _register_datasets(args, cfg)
+    names = [OmegaConf.select(cfg, f"dataloader.{s}.dataset.names", default=None)
+             for s in ("train", "test")]  # fmt: skip
+    names = [n for x in names if x for n in ([x] if isinstance(x, str) else x)]
+    check_category_counts(names, _num_classes(cfg.model, "model"))
     return cfg
 
 
