@@ -36,6 +36,15 @@ def weights_key(cfg) -> Tuple[str, str]:
     return "train.init_checkpoint", train.get("init_checkpoint", "") or ""
 
 
+def _is_fcos(target) -> bool:
+    """Whether a LazyConfig ``_target_`` (a class or its dotted name) is an FCOS."""
+    from detectron2.modeling.meta_arch.fcos import FCOS
+    from detectron2.utils.registry import locate
+
+    target = locate(target) if isinstance(target, str) else target
+    return isinstance(target, type) and issubclass(target, FCOS)
+
+
 def set_score_threshold(cfg, threshold: float) -> List[str]:
     """Sets the test-time score threshold of every detector the config can describe to
     ``threshold`` (in [0, 1]); FCOS's must stay below 1, so it gets ``min(threshold, 0.999)``.
@@ -56,7 +65,7 @@ def set_score_threshold(cfg, threshold: float) -> List[str]:
     keys = []
     model = cfg.model
     if "test_score_thresh" in model:
-        model.test_score_thresh = min(t, 0.999) if "FCOS" in str(model._target_) else t
+        model.test_score_thresh = min(t, 0.999) if _is_fcos(model._target_) else t
         keys.append("model.test_score_thresh")
     heads = model.get("roi_heads", None)
     if heads is not None:
