@@ -114,7 +114,8 @@ def draw(predictor, path: str, output: str, threshold: float):
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     """The command line; returns the files written. Exits with status 2 and a one-line
-    message for a missing config, input or weights file, or an invalid value."""
+    message for a missing config, input or weights file, an output folder that holds an
+    input, or an invalid value."""
     from eapm.checkpoint import DamagedCheckpointError
     from eapm.safe_load import UnsafeCheckpointError
 
@@ -124,6 +125,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
     try:
         files = input_files(args.input)
+        for path in files:
+            if os.path.abspath(os.path.dirname(path)) == os.path.abspath(args.output):
+                raise ValueError(
+                    f"--output {args.output} holds the input {path}: it would be "
+                    "overwritten; choose another folder"
+                )
         predictor = load_predictor(args.config_file, args.opts, args.confidence_threshold)
     except (FileNotFoundError, ValueError, DamagedCheckpointError, UnsafeCheckpointError) as e:
         parser.error(str(e))

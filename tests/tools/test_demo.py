@@ -186,6 +186,9 @@ def test_demo_errors_name_what_is_missing(demo, images, weights, tmp_path, capsy
     assert msg.endswith(
         f"error: weights file not found: {tmp_path / 'none.pth'} (train.init_checkpoint)"
     )
+    msg = _error(demo, capsys, [*ok[:-1], os.path.dirname(images[0])])
+    assert msg.endswith(f"holds the input {images[0]}: it would be overwritten; choose another "
+                        "folder")  # fmt: skip
     msg = _error(demo, capsys, ok)  # the quickstart config names no weights
     assert msg.endswith("error: MODEL.WEIGHTS is empty: the config names no trained weights to "
                         "predict with (name a checkpoint, e.g. a training's "
