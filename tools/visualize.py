@@ -6,14 +6,22 @@
         --input eapm_shapes_val --num 16 --show-gt --output output/vis
     python tools/visualize.py --config-file X.yaml --weights W.pth --input img.jpg --output vis/
     python tools/visualize.py --config-file X.yaml --weights W.pth --input images/ --output vis/
+    python tools/visualize.py --config-file configs/quickstart/eapm_retinanet.py \\
+        --weights output/quickstart/eapm_retinanet_lazy/model_final.pth --input eapm_shapes_val \\
+        --output output/vis
+
+--config-file is a yacs (.yaml) or LazyConfig (.py) config (--opts KEY VALUE ... or
+key=value ...). The model runs on the GPU when there is one, else on the CPU, with the
+weights loaded as data (eapm.checkpoint.EAPMCheckpointer). demo/demo.py draws images at
+their own size under their own names, with detectron2's demo flags; this tool also draws
+registered datasets with their ground truth, scaled up.
 
 --input is an image file, a folder of images, or the name of a registered dataset
 (the embedded eapm_shapes_train / eapm_shapes_val, COCO's builtin names, or anything
 registered through DATASETS.COCO_JSON in the config / --opts); for a dataset the first
 --num images are drawn, with --show-gt next to their ground truth. One PNG per image
 goes to --output. Detections scored below --score-thresh are dropped (it also sets the
-models' test-time thresholds MODEL.{RETINANET,FCOS,ROI_HEADS}.SCORE_THRESH_TEST).
-Runs on the CPU when no GPU is available.
+models' test-time thresholds: eapm.predictor.set_score_threshold).
 """
 from __future__ import annotations
 
@@ -22,26 +30,29 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from detectron2.config import CfgNode
 
-import eapm  # noqa: F401  (registers the project's models and datasets)
+import eapm  # noqa: F401  (registers the project's models)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def setup_cfg(args):
-    from eapm.data import register_from_config
+    """The config of ``--config-file`` (yacs or LazyConfig, ``eapm.model_zoo.get_config``)
+    with ``--opts``, the weights of ``--weights`` and the score threshold
+    (``eapm.predictor.set_score_threshold``); the project's datasets registered."""
+    from eapm.data import register_embedded, register_from_config
+    from eapm.model_zoo import get_config, resolve_config_file
+    from eapm.predictor import set_score_threshold
 
-    t = float(args.score_thresh)
-    opts = [
-        *args.opts,
-        "MODEL.WEIGHTS", args.weights,
-        "MODEL.RETINANET.SCORE_THRESH_TEST", t,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", t,
-        "MODEL.FCOS.SCORE_THRESH_TEST", min(t, 0.999),
-    ]  # fmt: skip
-    cfg = eapm.load_config(args.config_file, opts, training=False)
-    cfg.freeze()
-    register_from_config(cfg)
+    cfg = get_config(resolve_config_file(args.config_file), list(args.opts))
+    if isinstance(cfg, CfgNode):
+        cfg.MODEL.WEIGHTS = args.weights
+        register_from_config(cfg)
+    else:
+        cfg.train.init_checkpoint = args.weights
+        register_embedded(None)
+    set_score_threshold(cfg, args.score_thresh)
     return cfg
 
 
@@ -65,16 +76,6 @@ def list_inputs(spec: str, num: Optional[int]) -> Tuple[List[Dict], Optional[str
     )
 
 
-def _metadata(cfg, dataset: Optional[str]):
-    from detectron2.data import MetadataCatalog
-
-    if dataset:
-        return MetadataCatalog.get(dataset)
-    if len(cfg.DATASETS.TEST):
-        return MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    return MetadataCatalog.get("__unused")
-
-
 def _out_name(file_name: str, used: set) -> str:
     stem = os.path.splitext(os.path.basename(file_name))[0] or "image"
     name, i = stem, 1
@@ -86,13 +87,15 @@ def _out_name(file_name: str, used: set) -> str:
 
 def visualize(cfg, inputs: Sequence[Dict], dataset: Optional[str], output: str, score_thresh: float,
               show_gt: bool = False, scale: Optional[float] = None) -> List[str]:  # fmt: skip
+    from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
-    from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import Visualizer
     from PIL import Image
 
-    predictor = DefaultPredictor(cfg)
-    metadata = _metadata(cfg, dataset)
+    from eapm.predictor import EAPMPredictor
+
+    predictor = EAPMPredictor(cfg)
+    metadata = MetadataCatalog.get(dataset) if dataset else predictor.metadata
     os.makedirs(output, exist_ok=True)
     written, used = [], set()
     for d in inputs:
@@ -124,7 +127,8 @@ def build_parser():
     ap.add_argument(
         "--weights",
         required=True,
-        help="checkpoint (.pth / .pkl / detectron2:// URL); '' = random init",
+        help="checkpoint (.pth / .pkl / detectron2:// URL): MODEL.WEIGHTS of a yacs config, "
+        "train.init_checkpoint of a LazyConfig",
     )
     ap.add_argument(
         "--input", required=True, help="image file, image folder or registered dataset name"
@@ -148,7 +152,10 @@ def build_parser():
         "--scale", type=float, default=None, help="drawing scale (default: longer side >= 512 px)"
     )
     ap.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ..."
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides: KEY VALUE ... (yacs) or key=value ... (LazyConfig)",
     )
     return ap
 
@@ -159,9 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     args = build_parser().parse_args(argv)
     setup_logger(name="fvcore")
     setup_logger()
-    cfg = setup_cfg(args)
-    inputs, dataset = list_inputs(args.input, args.num)
-    return visualize(cfg, inputs, dataset, args.output, args.score_thresh, args.show_gt, args.scale)
+    try:
+        cfg = setup_cfg(args)
+        inputs, dataset = list_inputs(args.input, args.num)
+        return visualize(
+            cfg, inputs, dataset, args.output, args.score_thresh, args.show_gt, args.scale
+        )
+    except (FileNotFoundError, ValueError) as e:  # a missing file, a bad value: one line
+        raise SystemExit(f"visualize.py: error: {e}") from None
 
 
 if __name__ == "__main__":

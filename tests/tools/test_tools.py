@@ -437,6 +437,34 @@ def test_visualize_untrained_model_writes_pngs(tiny_coco, tmp_path):
             common
             + ["--input", "no_such_dataset", "--output", str(tmp_path / "x"), "--opts", *opts]
         )
+    with pytest.raises(SystemExit, match=r"^visualize.py: error: weights file not found: "):
+        tool.main(
+            common[:3]
+            + [str(tmp_path / "none.pth"), "--input", imgs, "--output", str(tmp_path / "x")]
+            + ["--opts", *opts]
+        )
+
+
+def test_visualize_lazy_config(tiny_coco, tmp_path):
+    """A LazyConfig (once a raw yaml.parser.ParserError): its model, its weights, its
+    overrides."""
+    from eapm.checkpoint import EAPMCheckpointer
+    from eapm.model_zoo import build_model, get_config
+
+    js, imgs = tiny_coco
+    config = os.path.join(REPO, "configs", "quickstart", "eapm_retinanet.py")
+    model = build_model(get_config(config, ["model.max_detections_per_image=3"]), "cpu")
+    EAPMCheckpointer(model, save_dir=str(tmp_path)).save("untrained")
+    tool = load_tool("visualize")
+    files = tool.main(
+        ["--config-file", config, "--weights", str(tmp_path / "untrained.pth"),
+         "--input", imgs, "--num", "2", "--score-thresh", "0", "--scale", "1",
+         "--output", str(tmp_path / "out"), "--opts", "model.max_detections_per_image=3"]
+    )  # fmt: skip
+    assert [os.path.basename(f) for f in files] == ["img0.png", "img1.png"]
+    from PIL import Image
+
+    assert Image.open(files[0]).size == (64, 64)
 
 
 def test_ablation_report_means_stds_and_paired_deltas(tmp_path):

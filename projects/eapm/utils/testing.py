@@ -4,9 +4,10 @@ Modelled on ``detectron2.utils.testing``: nothing here needs a dataset, pretrain
 or a GPU. The tests (``tests/conftest.py``) and the tools (``tools/benchmark.py``) import
 these helpers from here; the tools never import the tests.
 
-Config files are looked up in the repository's ``configs/`` folder, found relative to this
-file (``projects/eapm/utils/testing.py``: the repository root is three folders up), or in
-the copy an installed wheel carries (``eapm.model_zoo.CONFIGS_DIR``).
+Config files are named as ``eapm.model_zoo.get_config_file`` takes them (this module's
+``get_config_file`` is that function): relative to the repository's ``configs/`` folder, or
+the copy an installed wheel carries (``eapm.model_zoo.CONFIGS_DIR``), by file name alone
+when unique, or by absolute path.
 """
 
 from __future__ import annotations
@@ -32,24 +33,9 @@ __all__ = [
 REPO_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 )
-# the repository's configs/ in a checkout, the packaged copy in an installed wheel
-from ..model_zoo import CONFIGS_DIR  # noqa: E402
-
-
-def get_config_file(config_file: str) -> str:
-    """The absolute path of a config file: ``config_file`` itself if absolute, else
-    relative to the repository's ``configs/`` folder (e.g. ``"quickstart/retinanet.yaml"``).
-
-    Raises:
-        FileNotFoundError: the file does not exist (the message names the path tried).
-    """
-    path = config_file if os.path.isabs(config_file) else os.path.join(CONFIGS_DIR, config_file)
-    if not os.path.isfile(path):
-        where = (
-            "" if os.path.isabs(config_file) else f" (relative paths are read from {CONFIGS_DIR})"
-        )
-        raise FileNotFoundError(f"config file {config_file!r} not found: {path}{where}")
-    return path
+# the repository's configs/ in a checkout, the packaged copy in an installed wheel; config
+# names resolved by eapm.model_zoo (its one owner)
+from ..model_zoo import CONFIGS_DIR, get_config_file  # noqa: E402
 
 
 def repo_cfg(config_file: Optional[str] = None, *opts):
