@@ -235,6 +235,16 @@ def add_eapm_config(cfg: CN) -> CN:
     #                 (mmdetection's convention; independent of the process count).
     _C.MODEL.LOSS_NORMALIZER.TYPE = "ema"
 
+    # ------------------------------------------------- dense-head loss weights
+    _C.MODEL.DENSE_HEAD = CN()
+    # Weight (a finite number > 0) of the classification loss of the dense detectors
+    # (EAPMRetinaNet: loss_cls, whatever computes it (focal, EAPM focal, GHM-C on top of
+    # MODEL.GHM.CLS.LOSS_WEIGHT); EAPMFCOS: loss_fcos_cls): the loss and its gradient are
+    # multiplied by it. 1.0 = detectron2's loss, bit for bit (no multiplication). A constant
+    # equal to EAPM's mean MF is the gradient-scale control of an EAPM focal run
+    # (tools/ablation.py's *_scale variants).
+    _C.MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT = 1.0
+
     # ------------------------------------------------------- FCOS (yacs)
     # Keys of EAPMFCOS (MODEL.META_ARCHITECTURE "EAPMFCOS"), detectron2's FCOS made
     # buildable from yacs; the defaults are those of detectron2's FCOS LazyConfig.

@@ -93,6 +93,7 @@ def test_eapm_off_equals_detectron2_fcos(baseline):
         "loss_normalizer",
         "histogram_period",
         "compile_kernels",
+        "cls_loss_weight",
     ):
         args.pop(k)
     ref = FCOS(**args)

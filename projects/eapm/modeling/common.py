@@ -27,6 +27,7 @@ from ..losses import (
 
 __all__ = [
     "dense_loss_normalizer",
+    "weighted_loss",
     "dense_focal_loss_sum",
     "box_reg_balanced_l1",
     "eapm_iou_box_loss",
@@ -55,6 +56,12 @@ def dense_loss_normalizer(model, num_pos: int, mode: str, initial: float = 100.0
     return max(float(num_pos), 1.0)
 
 
+def weighted_loss(loss, weight: float):
+    """``loss * weight``; ``loss`` itself (the same tensor, no operation) at weight 1.0, so
+    the default is the unweighted loss bit for bit, in value and gradient."""
+    return loss if weight == 1.0 else loss * weight
+
+
 def dense_focal_loss_sum(
     logits,
     targets,
@@ -71,8 +78,9 @@ def dense_focal_loss_sum(
 
     ``mu == 0``: detectron2's own focal loss (fvcore's ``sigmoid_focal_loss_jit``, as
     RetinaNet / FCOS call it). ``mu > 0``: EAPM focal loss; the means of Dif and MF over
-    the positives and the negatives go to the event storage every iteration (fused into
-    the loss pass), their histograms every ``histogram_period`` iterations."""
+    the positives and the negatives, and of MF over all elements (``{prefix}_mf``), go to
+    the event storage every iteration (fused into the loss pass), their histograms every
+    ``histogram_period`` iterations."""
     if mu == 0:
         return sigmoid_focal_loss_jit(
             logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="sum"
@@ -89,6 +97,8 @@ def dense_focal_loss_sum(
     if n_neg > 0:
         storage.put_scalar(f"{prefix}_dif_neg", dif_neg / n_neg)
         storage.put_scalar(f"{prefix}_mf_neg", mf_neg / n_neg)
+    if n_pos + n_neg > 0:  # over all examples (the weight of a gradient-scale control)
+        storage.put_scalar(f"{prefix}_mf", (mf_pos + mf_neg) / (n_pos + n_neg))
     if histogram_period > 0 and storage.iter % histogram_period == 0:
         with torch.no_grad():
             dif = difficulty(logits, targets)

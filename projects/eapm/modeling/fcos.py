@@ -30,8 +30,9 @@ from detectron2.utils.events import get_event_storage
 from ..capabilities import DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal
 from ..upstream import adapted_from
 from .backbone import fpn_from_config
-from .common import dense_focal_loss_sum, dense_loss_normalizer
+from .common import dense_focal_loss_sum, dense_loss_normalizer, weighted_loss
 from .keys import (
+    CLS_LOSS_WEIGHT_CHECKS,
     EAPM_CLS_CHECKS,
     KERNEL_CHECKS,
     LOSS_NORMALIZER_CHECKS,
@@ -39,9 +40,11 @@ from .keys import (
     NonEmptyList,
     NumberIn,
     OneOf,
+    check_cls_loss_weight,
     check_eapm_cls_mu,
     check_histogram_period,
     check_loss_normalizer,
+    cls_loss_weight_from_config,
     eapm_cls_mu_from_config,
     kernel_args_from_config,
 )
@@ -98,10 +101,13 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
             positive count averaged over all processes).
         histogram_period: log histograms of Dif / MF every this many iterations (>= 0).
         compile_kernels: run this model's EAPM loss kernels through ``torch.compile``.
+        cls_loss_weight: factor (finite, > 0) of ``loss_fcos_cls``; 1.0 = the loss itself,
+            bit for bit.
 
     ``from_config`` reads ``MODEL.FCOS.*`` (building the backbone and detectron2's
-    ``FCOSHead``), ``MODEL.EAPM.CLS.*``, ``MODEL.EAPM.HISTOGRAM_PERIOD`` / ``COMPILE`` and
-    ``MODEL.LOSS_NORMALIZER.TYPE``; ``config_checks()`` names the rule of each.
+    ``FCOSHead``), ``MODEL.EAPM.CLS.*``, ``MODEL.EAPM.HISTOGRAM_PERIOD`` / ``COMPILE``,
+    ``MODEL.LOSS_NORMALIZER.TYPE`` and ``MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT``;
+    ``config_checks()`` names the rule of each.
     ``check_head_norm``: a GN head needs ``MODEL.FPN.OUT_CHANNELS`` a multiple of 32 and
     >= 64 (checked where the config is loaded).
     """
@@ -117,6 +123,7 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         loss_normalizer: str = "ema",
         histogram_period: int = 0,
         compile_kernels: bool = False,
+        cls_loss_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -125,10 +132,17 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
         self.histogram_period = check_histogram_period(histogram_period)
         self.compile_kernels = bool(compile_kernels)
+        self.cls_loss_weight = float(check_cls_loss_weight(cls_loss_weight))
 
     @classmethod
     def config_checks(cls):
-        return {**EAPM_CLS_CHECKS, **KERNEL_CHECKS, **LOSS_NORMALIZER_CHECKS, **FCOS_KEY_CHECKS}
+        return {
+            **EAPM_CLS_CHECKS,
+            **KERNEL_CHECKS,
+            **LOSS_NORMALIZER_CHECKS,
+            **CLS_LOSS_WEIGHT_CHECKS,
+            **FCOS_KEY_CHECKS,
+        }
 
     @classmethod
     def check_head_norm(cls, norm: str, channels: int) -> None:
@@ -177,6 +191,7 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
             "box_loss_type": fc.BOX_LOSS_TYPE,
             "eapm_cls_mu": eapm_cls_mu_from_config(cfg),
             "loss_normalizer": cfg.MODEL.LOSS_NORMALIZER.TYPE,
+            "cls_loss_weight": cls_loss_weight_from_config(cfg),
             **kernel_args_from_config(cfg),
         }
 
@@ -189,8 +204,8 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
     ):
         """Same inputs, outputs (``loss_fcos_cls/loc/ctr``) and normalisation as
-        ``FCOS.losses``; the focal loss call, the box loss type and the normaliser are
-        EAPM's. FCOS has no ignored locations."""
+        ``FCOS.losses``; the focal loss call, the box loss type, the normaliser and the
+        classification loss weight are EAPM's. FCOS has no ignored locations."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
@@ -228,7 +243,7 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
             ctr_pred[pos_mask], ctr_targets[pos_mask], reduction="sum"
         )
         return {
-            "loss_fcos_cls": loss_cls / normalizer,
+            "loss_fcos_cls": weighted_loss(loss_cls / normalizer, self.cls_loss_weight),
             "loss_fcos_loc": loss_loc / normalizer,
             "loss_fcos_ctr": loss_ctr / normalizer,
         }

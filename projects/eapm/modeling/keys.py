@@ -32,6 +32,7 @@ __all__ = [
     "BOX_REG_LOSSES",
     "check_loss_normalizer",
     "check_histogram_period",
+    "check_cls_loss_weight",
     "check_eapm_cls_mu",
     "check_eapm_reg_theta",
     "check_eapm_rpn_mu",
@@ -41,11 +42,13 @@ __all__ = [
     "KERNEL_CHECKS",
     "BALANCED_L1_CHECKS",
     "LOSS_NORMALIZER_CHECKS",
+    "CLS_LOSS_WEIGHT_CHECKS",
     "eapm_cls_mu_from_config",
     "eapm_reg_theta_from_config",
     "eapm_rpn_mu_from_config",
     "balanced_l1_from_config",
     "kernel_args_from_config",
+    "cls_loss_weight_from_config",
 ]
 
 
@@ -162,6 +165,8 @@ BOX_REG_LOSSES = ("smooth_l1", "giou", "diou", "ciou", "balanced_l1")
 
 check_loss_normalizer = OneOf("loss_normalizer", LOSS_NORMALIZERS)
 check_histogram_period = IntAtLeast("histogram_period", 0)
+# the dense detectors' classification loss weight (MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT)
+check_cls_loss_weight = NumberIn("cls_loss_weight", 0, math.inf, lo_open=True, hi_open=True)
 
 
 def check_eapm_cls_mu(value) -> float:
@@ -192,6 +197,9 @@ BALANCED_L1_CHECKS: Dict[str, Callable] = {
     for k in ("ALPHA", "GAMMA", "BETA")
 }
 LOSS_NORMALIZER_CHECKS: Dict[str, Callable] = {"MODEL.LOSS_NORMALIZER.TYPE": check_loss_normalizer}
+CLS_LOSS_WEIGHT_CHECKS: Dict[str, Callable] = {
+    "MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT": check_cls_loss_weight
+}
 
 
 # ---------------------------------------------------------------------------
@@ -226,3 +234,8 @@ def kernel_args_from_config(cfg) -> Dict[str, Any]:
     ``COMPILE`` (the arguments every EAPM loss module takes)."""
     e = cfg.MODEL.EAPM
     return {"histogram_period": int(e.HISTOGRAM_PERIOD), "compile_kernels": bool(e.COMPILE)}
+
+
+def cls_loss_weight_from_config(cfg) -> float:
+    """``MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT`` (the dense detectors' ``cls_loss_weight``)."""
+    return float(cfg.MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT)

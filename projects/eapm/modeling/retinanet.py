@@ -34,10 +34,12 @@ from .common import (
     dense_loss_normalizer,
     eapm_iou_box_loss,
     put_reg_stats,
+    weighted_loss,
 )
 from .keys import (
     BALANCED_L1_CHECKS,
     BOX_REG_LOSSES,
+    CLS_LOSS_WEIGHT_CHECKS,
     EAPM_CLS_CHECKS,
     EAPM_REG_CHECKS,
     KERNEL_CHECKS,
@@ -46,10 +48,12 @@ from .keys import (
     IsBool,
     OneOf,
     balanced_l1_from_config,
+    check_cls_loss_weight,
     check_eapm_cls_mu,
     check_eapm_reg_theta,
     check_histogram_period,
     check_loss_normalizer,
+    cls_loss_weight_from_config,
     eapm_cls_mu_from_config,
     eapm_reg_theta_from_config,
     kernel_args_from_config,
@@ -117,14 +121,17 @@ class EAPMRetinaNet(
         ghm_reg_loss_weight: factor (>= 0) of the GHM-R loss.
         ghm_all_reduce: sum the GHM bin counts over all processes (see ``GHMC``).
         ghm_per_level: one GHM call per feature level (mmdetection), or one over all.
+        cls_loss_weight: factor (finite, > 0) of ``loss_cls`` whatever computes it (on top of
+            ``ghm_cls_loss_weight`` for GHM-C); 1.0 = the loss itself, bit for bit.
 
     The GHM losses are not divided by the positive-anchor normaliser (each is normalised
     by its own number of valid elements, as in mmdetection); the loss keys stay
     ``loss_cls`` / ``loss_box_reg``.
 
-    ``from_config`` reads ``MODEL.EAPM.*``, ``MODEL.BALANCED_L1.*``, ``MODEL.GHM.*`` and
-    ``MODEL.LOSS_NORMALIZER.TYPE`` besides RetinaNet's keys; ``config_checks()`` names the
-    rule of each (the constructor's own checks, see ``eapm.capabilities``).
+    ``from_config`` reads ``MODEL.EAPM.*``, ``MODEL.BALANCED_L1.*``, ``MODEL.GHM.*``,
+    ``MODEL.LOSS_NORMALIZER.TYPE`` and ``MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT`` besides
+    RetinaNet's keys; ``config_checks()`` names the rule of each (the constructor's own
+    checks, see ``eapm.capabilities``).
     """
 
     box_loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
@@ -147,6 +154,7 @@ class EAPMRetinaNet(
         ghm_reg_loss_weight: float = 10.0,
         ghm_all_reduce: bool = False,
         ghm_per_level: bool = True,
+        cls_loss_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -164,6 +172,7 @@ class EAPMRetinaNet(
         self.ghm_cls_loss_weight = float(ghm_cls_loss_weight)
         self.ghm_reg_loss_weight = float(ghm_reg_loss_weight)
         self.ghm_per_level = bool(ghm_per_level)
+        self.cls_loss_weight = float(check_cls_loss_weight(cls_loss_weight))
         self.check_ghm_cls(ghm_cls is not None, self.eapm_cls_mu)
         self.ghm_cls = None
         if ghm_cls is not None:
@@ -194,6 +203,7 @@ class EAPMRetinaNet(
             ghm_reg_loss_weight=float(gh.REG.LOSS_WEIGHT),
             ghm_all_reduce=bool(gh.ALL_REDUCE),
             ghm_per_level=bool(gh.PER_LEVEL),
+            cls_loss_weight=cls_loss_weight_from_config(cfg),
             **kernel_args_from_config(cfg),
         )
         return ret
@@ -206,6 +216,7 @@ class EAPMRetinaNet(
             **KERNEL_CHECKS,
             **BALANCED_L1_CHECKS,
             **LOSS_NORMALIZER_CHECKS,
+            **CLS_LOSS_WEIGHT_CHECKS,
             cls.box_loss_key: check_retinanet_box_loss,
             **GHM_CHECKS,
         }
@@ -217,7 +228,7 @@ class EAPMRetinaNet(
     )
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """Same inputs, outputs and normalisation as ``RetinaNet.losses``; the focal loss
-        call and the box loss dispatch are EAPM's."""
+        call, the box loss dispatch and the classification loss weight are EAPM's."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         valid_mask = gt_labels >= 0
@@ -246,6 +257,7 @@ class EAPMRetinaNet(
                 )
                 / normalizer
             )
+        loss_cls = weighted_loss(loss_cls, self.cls_loss_weight)
 
         if self.box_reg_loss_type == "ghm_r":  # normalised by its own count
             loss_box_reg = self.ghm_reg_loss_weight * self._ghm_reg_loss(
