@@ -204,8 +204,10 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
     ):
         """Same inputs, outputs (``loss_fcos_cls/loc/ctr``) and normalisation as
-        ``FCOS.losses``; the focal loss call, the box loss type, the normaliser and the
-        classification loss weight are EAPM's. FCOS has no ignored locations."""
+        ``FCOS.losses``, with the classification and the box loss in their own methods
+        (``classification_loss``, ``box_regression_loss``: override one to replace that
+        loss); the loss normaliser and the classification loss weight are EAPM's. FCOS has no
+        ignored locations."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
@@ -214,27 +216,9 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         normalizer = dense_loss_normalizer(
             self, num_pos, self.loss_normalizer_type, initial=FCOS_NORMALIZER_INITIAL
         )
-
-        # classification over every location; one-hot targets without the background column
-        targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[:, :, :-1]
-        logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
-        loss_cls = dense_focal_loss_sum(
-            logits,
-            targets,
-            self.eapm_cls_mu,
-            self.focal_loss_alpha,
-            self.focal_loss_gamma,
-            histogram_period=self.histogram_period,
-            compile_kernels=self.compile_kernels,
-        )
-
-        loss_loc = _dense_box_regression_loss(
-            anchors,
-            self.box2box_transform,
-            pred_anchor_deltas,
-            gt_boxes,
-            pos_mask,
-            box_reg_loss_type=self.box_loss_type,
+        loss_cls = self.classification_loss(pred_logits, gt_labels, normalizer)
+        loss_loc = self.box_regression_loss(
+            anchors, pred_anchor_deltas, gt_boxes, pos_mask, normalizer
         )
 
         ctr_targets = self.compute_ctrness_targets(anchors, gt_boxes)  # (N, R)
@@ -243,7 +227,54 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
             ctr_pred[pos_mask], ctr_targets[pos_mask], reduction="sum"
         )
         return {
-            "loss_fcos_cls": weighted_loss(loss_cls / normalizer, self.cls_loss_weight),
-            "loss_fcos_loc": loss_loc / normalizer,
+            "loss_fcos_cls": weighted_loss(loss_cls, self.cls_loss_weight),
+            "loss_fcos_loc": loss_loc,
             "loss_fcos_ctr": loss_ctr / normalizer,
         }
+
+    def classification_loss(self, pred_logits, gt_labels, normalizer):
+        """The classification loss, normalised (before ``cls_loss_weight``): (EAPM) focal
+        loss over every location, summed and divided by ``normalizer``. Its EAPM diagnostics
+        go to the event storage.
+
+        Args:
+            pred_logits: per level, (N, R_l, K) logits.
+            gt_labels: (N, R) matched labels: a class in [0, K), K = background.
+            normalizer: the (EMA or all-reduced) number of foreground locations.
+
+        Returns a scalar tensor."""
+        # one-hot targets without the background column
+        targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[:, :, :-1]
+        logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
+        loss = dense_focal_loss_sum(
+            logits,
+            targets,
+            self.eapm_cls_mu,
+            self.focal_loss_alpha,
+            self.focal_loss_gamma,
+            histogram_period=self.histogram_period,
+            compile_kernels=self.compile_kernels,
+        )
+        return loss / normalizer
+
+    def box_regression_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask, normalizer):
+        """The box loss (``box_loss_type``, detectron2's) over the foreground locations,
+        summed and divided by ``normalizer``.
+
+        Args:
+            anchors: per level, ``Boxes`` of the R_l locations (as points).
+            pred_anchor_deltas: per level, (N, R_l, 4) predicted distances.
+            gt_boxes: per image, (R, 4) matched GT boxes of every location.
+            pos_mask: (N, R) bool, the foreground locations.
+            normalizer: the (EMA or all-reduced) number of foreground locations.
+
+        Returns a scalar tensor."""
+        loss = _dense_box_regression_loss(
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type=self.box_loss_type,
+        )
+        return loss / normalizer

@@ -227,8 +227,9 @@ class EAPMRetinaNet(
         "ccd4d596350991914e1ac3c8aa24e7f6f0d8eb42",
     )
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
-        """Same inputs, outputs and normalisation as ``RetinaNet.losses``; the focal loss
-        call, the box loss dispatch and the classification loss weight are EAPM's."""
+        """Same inputs, outputs and normalisation as ``RetinaNet.losses``, with each loss in
+        its own method (``classification_loss``, ``box_regression_loss``: override one to
+        replace that loss) and the classification loss weight applied here."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         valid_mask = gt_labels >= 0
@@ -236,42 +237,68 @@ class EAPMRetinaNet(
         num_pos_anchors = pos_mask.sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
         normalizer = dense_loss_normalizer(self, num_pos_anchors, self.loss_normalizer_type)
+        loss_cls = self.classification_loss(pred_logits, gt_labels, normalizer)
+        loss_box_reg = self.box_regression_loss(
+            anchors, pred_anchor_deltas, gt_boxes, pos_mask, normalizer
+        )
+        return {
+            "loss_cls": weighted_loss(loss_cls, self.cls_loss_weight),
+            "loss_box_reg": loss_box_reg,
+        }
 
-        if self.ghm_cls is not None:  # GHM-C: normalised by its own count, not `normalizer`
-            loss_cls = self.ghm_cls_loss_weight * self._ghm_cls_loss(pred_logits, gt_labels)
-        else:
-            # classification: one-hot targets without the background column
-            gt_labels_target = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[
-                :, :-1
-            ]
-            logits = cat(pred_logits, dim=1)[valid_mask]
-            loss_cls = (
-                dense_focal_loss_sum(
-                    logits,
-                    gt_labels_target,
-                    self.eapm_cls_mu,
-                    self.focal_loss_alpha,
-                    self.focal_loss_gamma,
-                    histogram_period=self.histogram_period,
-                    compile_kernels=self.compile_kernels,
-                )
-                / normalizer
-            )
-        loss_cls = weighted_loss(loss_cls, self.cls_loss_weight)
+    def classification_loss(self, pred_logits, gt_labels, normalizer):
+        """The classification loss, normalised (before ``cls_loss_weight``): (EAPM) focal
+        loss summed over the valid anchors and divided by ``normalizer``, or GHM-C (normalised
+        by its own count). Its EAPM diagnostics go to the event storage.
 
+        Args:
+            pred_logits: per level, (N, R_l, K) logits.
+            gt_labels: (N, R) matched labels: a class in [0, K), K = background, -1 ignored.
+            normalizer: the (EMA or all-reduced) number of foreground anchors.
+
+        Returns a scalar tensor."""
+        if self.ghm_cls is not None:
+            return self.ghm_cls_loss_weight * self._ghm_cls_loss(pred_logits, gt_labels)
+        valid_mask = gt_labels >= 0
+        # one-hot targets without the background column
+        target = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
+        logits = cat(pred_logits, dim=1)[valid_mask]
+        loss = dense_focal_loss_sum(
+            logits,
+            target,
+            self.eapm_cls_mu,
+            self.focal_loss_alpha,
+            self.focal_loss_gamma,
+            histogram_period=self.histogram_period,
+            compile_kernels=self.compile_kernels,
+        )
+        return loss / normalizer
+
+    def box_regression_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask, normalizer):
+        """The box regression loss over the foreground anchors, normalised: the
+        ``box_reg_loss_type`` (balanced L1 with EAPM when ``eapm_reg_theta > 0``, an EAPM IoU
+        loss, or detectron2's) summed and divided by ``normalizer``, or GHM-R (normalised by
+        its own count). Its EAPM diagnostics go to the event storage.
+
+        Args:
+            anchors: per level, ``Boxes`` of R_l anchors (shared by the images).
+            pred_anchor_deltas: per level, (N, R_l, 4) predicted deltas.
+            gt_boxes: per image, (R, 4) matched GT boxes of every anchor.
+            pos_mask: (N, R) bool, the foreground anchors.
+            normalizer: the (EMA or all-reduced) number of foreground anchors.
+
+        Returns a scalar tensor. ``foreground_deltas`` gives the foreground anchors' boxes,
+        GT boxes, predicted and target deltas to a subclass that replaces this loss."""
         if self.box_reg_loss_type == "ghm_r":  # normalised by its own count
-            loss_box_reg = self.ghm_reg_loss_weight * self._ghm_reg_loss(
+            return self.ghm_reg_loss_weight * self._ghm_reg_loss(
                 anchors, pred_anchor_deltas, gt_boxes, pos_mask
             )
-            return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}
         if self.box_reg_loss_type == "balanced_l1":
-            loss_box_reg = self._balanced_l1_box_loss(
-                anchors, pred_anchor_deltas, gt_boxes, pos_mask
-            )
+            loss = self._balanced_l1_box_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
         elif self.eapm_reg_theta > 0:  # an IoU loss (check_box_loss)
-            loss_box_reg = self._eapm_iou_box_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
+            loss = self._eapm_iou_box_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
         else:
-            loss_box_reg = _dense_box_regression_loss(
+            loss = _dense_box_regression_loss(
                 anchors,
                 self.box2box_transform,
                 pred_anchor_deltas,
@@ -280,7 +307,7 @@ class EAPMRetinaNet(
                 box_reg_loss_type=self.box_reg_loss_type,
                 smooth_l1_beta=self.smooth_l1_beta,
             )
-        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+        return loss / normalizer
 
     def _level_slices(self, level_sizes: List[int]) -> List[slice]:
         """The anchor ranges the GHM losses are called on: one per level, or all at once."""
@@ -316,8 +343,10 @@ class EAPMRetinaNet(
             total = total + self.ghm_reg(pred[:, sl][pos], gt_deltas)
         return total
 
-    def _foreground_deltas(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
-        """The foreground anchors' (P, 4) boxes, GT boxes, predicted and target deltas."""
+    def foreground_deltas(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
+        """The foreground anchors' (P, 4) boxes, GT boxes, predicted and target deltas (the
+        ``box2box_transform``'s), in the order of ``pos_mask``: what a box loss of your own
+        needs (``box_regression_loss``)."""
         anchors = type(anchors[0]).cat(anchors).tensor  # (R, 4)
         pos_gt = torch.stack(gt_boxes)[pos_mask]  # (P, 4)
         pos_anchors = anchors[None].expand(pos_mask.shape[0], -1, -1)[pos_mask]
@@ -328,7 +357,7 @@ class EAPMRetinaNet(
     def _eapm_iou_box_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
         """Summed EAPM IoU loss (giou / diou / ciou at the modulated deltas) over the
         foreground anchors (a scalar); GoS / MF of dw, dh as ``eapm/reg_gos`` / ``_mf``."""
-        pos_anchors, pos_gt, pred, gt_deltas = self._foreground_deltas(
+        pos_anchors, pos_gt, pred, gt_deltas = self.foreground_deltas(
             anchors, pred_anchor_deltas, gt_boxes, pos_mask
         )
         loss, ea, mf = eapm_iou_box_loss(
@@ -345,7 +374,7 @@ class EAPMRetinaNet(
 
     def _balanced_l1_box_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask):
         """Summed (EAPM) balanced L1 over the foreground anchors' deltas (a scalar)."""
-        _, _, pred, gt_deltas = self._foreground_deltas(
+        _, _, pred, gt_deltas = self.foreground_deltas(
             anchors, pred_anchor_deltas, gt_boxes, pos_mask
         )
         return box_reg_balanced_l1(

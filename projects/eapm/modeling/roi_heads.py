@@ -190,13 +190,15 @@ class EAPMFastRCNNOutputLayers(
     # ----------------------------------------------------------------- losses
     def losses(self, predictions, proposals):
         """detectron2's losses (same keys, normalisers and loss weights); with
-        ``eapm_cls_mu > 0`` its ``loss_cls`` is replaced by ``cls_loss`` times the loss weight.
+        ``eapm_cls_mu > 0``, or in a subclass that overrides ``cls_loss`` (the seam for a
+        classification loss of your own; ``box_reg_loss`` is the one for the box loss), its
+        ``loss_cls`` is replaced by ``cls_loss`` times the loss weight.
 
         detectron2's ``FastRCNNOutputLayers.losses`` has no hook for its cross entropy: rather
         than repeating its body, its own ``loss_cls`` (one (R, K+1) log-softmax) is computed
         and discarded. ``cls_loss`` mirrors its definition (tested bitwise at mu 0)."""
         losses = super().losses(predictions, proposals)
-        if self.eapm_cls_mu > 0:
+        if self.eapm_cls_mu > 0 or type(self).cls_loss is not EAPMFastRCNNOutputLayers.cls_loss:
             scores = predictions[0]
             if len(proposals):
                 gt_classes = cat([p.gt_classes for p in proposals], dim=0)
