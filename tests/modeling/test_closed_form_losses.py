@@ -63,7 +63,7 @@ def focal_of_logit(z: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float)
     p_t)^gamma log p_t (alpha < 0: no alpha_t)."""
     p = torch.sigmoid(z)
     p_t = torch.where(t > 0.5, p, 1 - p)
-    a_t = 1.0 if alpha < 0 else torch.where(t > 0.5, alpha, 1 - alpha)
+    a_t = 1.0 if alpha < 0 else alpha * t + (1 - alpha) * (1 - t)  # t in {0, 1}
     return -a_t * (1 - p_t) ** gamma * torch.log(p_t)
 
 
