@@ -330,15 +330,18 @@ def test_compile_kernels_path_traced_by_dynamo_on_hard_examples(monkeypatch, fre
         lambda fn, **kw: real_compile(fn, **{**kw, "backend": _recording_backend(graphs)}),
     )
     x, t = hard_examples()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
-        for mu in HARD_MUS:
-            for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 2e-8)):
-                before = len(graphs)
-                _check_hard(x, t, mu, dtype, True, rtol)
-                assert len(graphs) > before, (mu, dtype)  # traced, not run eagerly
-    for name in ("_focal_terms", "_focal_sum"):
-        assert losses.compiled_kernel_state(name) == "compiled"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+            for mu in HARD_MUS:
+                for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 2e-8)):
+                    before = len(graphs)
+                    _check_hard(x, t, mu, dtype, True, rtol)
+                    assert len(graphs) > before, (mu, dtype)  # traced, not run eagerly
+        for name in ("_focal_terms", "_focal_sum"):
+            assert losses.compiled_kernel_state(name) == "compiled"
+    finally:
+        torch._dynamo.reset()  # no frame traced for this backend is reused by a later compile
 
 
 @pytest.mark.slow
@@ -346,7 +349,6 @@ def test_inductor_kernels_on_hard_examples(fresh_kernels):
     """The compiled kernels (inductor's generated C++; about a minute to compile on a CPU)
     on hard examples equal the eager kernels and the float64 closed form (float32); with a
     second input shape (dynamic shapes: no recompilation needed for the result)."""
-    x, t = hard_examples()
     for rows in (4, 9):
         x, t = hard_examples(rows)
         for mu in HARD_MUS:
