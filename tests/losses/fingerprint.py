@@ -9,9 +9,13 @@ outputs must be empty. Covered: the focal loss and the EAPM focal loss at severa
 (reductions none / sum / mean, the per-element terms, the fused sum with its statistics),
 the balanced L1 and EAPM balanced L1 losses at several theta and two betas, GHM-C and GHM-R
 (two calls, so the moving average enters; with and without a valid mask), the attributes
-and the modulating factor; float32 / float64 / float16 / bfloat16 inputs, extreme logits,
-an autocast region, three seeds; eager kernels (``compile_kernels=False``), both in one
-piece and through the CPU chunking (inputs above its chunk size).
+and the modulating factor, the EAPM cross entropies (softmax: with an ignored row, its
+statistics; binary) at several mu, the general recipe (``eapm_loss`` and
+``modulate_prediction`` with the sigmoid, softmax and identity links, the attributes ``dif``,
+``gos`` and the factor ``tanh_factor``), GHM's bin index; float32 / float64 / float16 /
+bfloat16 inputs, extreme logits, an autocast region, three seeds; eager kernels
+(``compile_kernels=False``), both in one piece and through the CPU chunking (inputs above its
+chunk size).
 
 ``fingerprint()`` returns the lines, ``run_case(name)`` those of one case;
 ``tests/losses/test_fingerprint.py`` pins some of them.
@@ -25,19 +29,29 @@ import hashlib
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 
 from eapm.losses import (
     GHMC,
     GHMR,
     balanced_l1_loss,
+    dif,
     difficulty,
     eapm_balanced_l1_loss,
+    eapm_binary_cross_entropy_with_logits,
+    eapm_ce_stats,
+    eapm_cross_entropy,
     eapm_focal_loss_sum_with_stats,
     eapm_focal_terms,
+    eapm_loss,
     eapm_sigmoid_focal_loss,
     gap_over_sum,
+    ghm_bin_index,
+    gos,
+    modulate_prediction,
     modulating_factor,
     sigmoid_focal_loss,
+    tanh_factor,
 )
 
 MUS = (0.0, 0.5, 1.0, 1.5, 2.0, 10.0)
@@ -66,6 +80,14 @@ def _logits(g: torch.Generator, rows: int, classes: int = 8):
     x[0, :4] = torch.tensor([-100.0, 100.0, 50.0, -50.0], dtype=torch.float64)
     t[0, :4] = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     return x, t
+
+
+def _labels(g: torch.Generator, rows: int, classes: int = 8):
+    """(rows,) class indices in [0, classes) (the last one: background), row 1 ignored
+    (-100)."""
+    y = torch.randint(0, classes, (rows,), generator=g)
+    y[1] = -100
+    return y
 
 
 def _deltas(g: torch.Generator, rows: int):
@@ -194,6 +216,82 @@ def _cases() -> Dict[str, Callable[[], List[str]]]:  # noqa: C901  (one flat tab
                 return out
 
             cases[f"attributes seed={seed} {dn}"] = attributes
+
+            def ce_inputs(seed=seed, logits=logits):
+                """Softmax logits and labels: the rows of ``logits`` with its extreme row moved
+                from the top to the middle, so that the first pinned values of a gradient are
+                those of an ordinary row."""
+                return logits()[0].roll(-2, 0), _labels(
+                    torch.Generator().manual_seed(400 + seed), 6
+                )
+
+            for mu in MUS:
+                for red in ("none", "sum", "mean"):
+                    # (mu 0 is F.cross_entropy itself, which has no float16 CPU kernel)
+                    if mu > 0 or dtype != torch.float16:
+                        cases[f"eapm_cross_entropy mu={mu} seed={seed} {dn} {red}"] = (
+                            lambda ce_inputs=ce_inputs, mu=mu, red=red: _with_grad(
+                                lambda x, y: eapm_cross_entropy(x, y, mu, red), *ce_inputs()
+                            )
+                        )
+                    key = f"eapm_binary_cross_entropy_with_logits mu={mu} seed={seed} {dn} {red}"
+                    cases[key] = lambda logits=logits, mu=mu, red=red: _with_grad(
+                        lambda x, t: eapm_binary_cross_entropy_with_logits(x, t, mu, red),
+                        *logits(),
+                    )
+
+                def ce_stats(ce_inputs=ce_inputs, mu=mu):
+                    d, m = eapm_ce_stats(*ce_inputs(), mu)
+                    return ["  dif " + tensor_repr(d), "  mf " + tensor_repr(m)]
+
+                cases[f"eapm_ce_stats mu={mu} seed={seed} {dn}"] = ce_stats
+
+            # the general recipe: the paper's three EAPM losses rebuilt from their base losses
+            for s_ in (0.0, 1.5):
+                general = {
+                    "sigmoid": (
+                        eapm_loss(sigmoid_focal_loss, dif, tanh_factor(s_), "sigmoid"),
+                        logits,
+                        {"reduction": "none"},
+                    ),
+                    "softmax": (
+                        eapm_loss(F.cross_entropy, dif, tanh_factor(s_), "softmax"),
+                        ce_inputs,
+                        {"reduction": "none"},
+                    ),
+                    "identity": (
+                        eapm_loss(balanced_l1_loss, gos, tanh_factor(s_), modulated_columns=(2, 3)),
+                        deltas,
+                        {"beta": 0.11},
+                    ),
+                }
+                for link, (fn, inputs, kw) in general.items():
+                    cases[f"eapm_loss {link} s={s_} seed={seed} {dn}"] = (
+                        lambda fn=fn, inputs=inputs, kw=kw: _with_grad(
+                            lambda a, b: fn(a, b, **kw), *inputs()
+                        )
+                    )
+                    cols = (2, 3) if link == "identity" else None
+                    attribute = gos if link == "identity" else dif
+                    cases[f"modulate_prediction {link} s={s_} seed={seed} {dn}"] = (
+                        lambda inputs=inputs, link=link, cols=cols, attribute=attribute, s_=s_: (
+                            _with_grad(
+                                lambda a, b: modulate_prediction(
+                                    a, b, attribute, tanh_factor(s_), link, modulated_columns=cols
+                                ),
+                                *inputs(),
+                            )
+                        )
+                    )
+
+            def bins(logits=logits):
+                g = torch.sigmoid(logits()[0].float()).reshape(-1)
+                out = []
+                for edges in (torch.linspace(0, 1, 11), torch.tensor([0.0, 0.25, 0.5, 1.0 + 1e-6])):
+                    out.append("  ghm_bin_index " + tensor_repr(ghm_bin_index(g, edges)))
+                return out
+
+            cases[f"ghm_bin_index seed={seed} {dn}"] = bins
 
     # autocast region (bfloat16 on the CPU): the kernels compute in float32 regardless
     def autocast_case():

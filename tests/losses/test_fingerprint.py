@@ -1,12 +1,14 @@
 """Pinned values and gradients of the public losses (``tests/losses/fingerprint.py``):
 a handful of the fingerprint's lines, recorded as float.hex() on the code this package was
-split from. Any change of a loss value or gradient beyond rounding fails here; the full,
-bitwise check is ``python -m tests.losses.fingerprint`` before and after a change, diffed.
+split from (the focal, balanced L1 and GHM losses) or, for the cases added later (the EAPM
+cross entropies, the general recipe, GHM's bin index), on the code of the day they were
+added. Any change of a loss value or gradient beyond rounding fails here; the full, bitwise
+check is ``python -m tests.losses.fingerprint`` before and after a change, diffed.
 
 Tolerance: 64 units in the last place for float32 / float64 results (a different CPU's
 vector width may round a transcendental function or a sum differently), 1 unit for float16
-/ bfloat16 results (rounded from float32); exact zeros stay exact. Each pinned line holds
-the head (name, dtype, shape) and the first (up to) six values.
+/ bfloat16 results (rounded from float32), none for integers; exact zeros stay exact. Each
+pinned line holds the head (name, dtype, shape) and the first (up to) six values.
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ import torch
 from eapm.losses import GHMC, eapm_focal_terms
 from tests.losses.fingerprint import _logits, run_case, tensor_repr
 
-EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-ULPS = {"float64": 64, "float32": 64, "float16": 1, "bfloat16": 1}
+EPS = {
+    "float64": 2.0**-52,
+    "float32": 2.0**-23,
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+    "int64": 0.0,  # indices (GHM's bins): exact
+}
+ULPS = {"float64": 64, "float32": 64, "float16": 1, "bfloat16": 1, "int64": 0}
 
 PINNED = {
     "eapm_sigmoid_focal_loss mu=1.5 seed=0 float32 sum": [
@@ -172,6 +180,116 @@ PINNED = {
         ),
         ("acc_sum float32[4] " "0x0.0p+0 0x0.0p+0 0x0.0p+0 " "0x0.0p+0"),
     ],
+    "eapm_cross_entropy mu=1.5 seed=0 float32 mean": [
+        ("out0 float32[] 0x1.7e7fc40000000p+4"),
+        (
+            "grad float32[6, 8] "
+            "0x1.ac8ac00000000p-5 0x1.e8a7da0000000p-12 0x1.69f21e0000000p-17 "
+            "0x1.168cf40000000p-12 -0x1.7f0e5e0000000p-3 0x1.2d3f060000000p-4"
+        ),
+    ],
+    "eapm_cross_entropy mu=2.0 seed=1 bfloat16 none": [
+        (
+            "out0 bfloat16[6] "
+            "0x1.1800000000000p+2 0x0.0p+0 0x1.9a00000000000p+2 "
+            "0x1.0c00000000000p-1 0x1.7400000000000p+6 0x1.8800000000000p+1"
+        ),
+        (
+            "grad bfloat16[6, 8] "
+            "0x1.0400000000000p-10 0x1.4000000000000p-14 0x1.0600000000000p-12 "
+            "0x1.9e00000000000p-4 -0x1.a200000000000p-4 0x1.f800000000000p-50"
+        ),
+    ],
+    "eapm_binary_cross_entropy_with_logits mu=1.5 seed=2 float64 sum": [
+        ("out0 float64[] 0x1.4974370484363p+8"),
+        (
+            "grad float64[6, 8] "
+            "-0x1.0000000000000p+0 0x1.0000000000000p+0 -0x1.bc39f35a6e788p-72 "
+            "0x1.bc39f35a6e788p-72 -0x1.fffa1235f2653p-1 0x1.e6afc1f8ad468p-1"
+        ),
+    ],
+    "eapm_ce_stats mu=10.0 seed=0 float64": [
+        (
+            "dif float64[5] "
+            "0x1.d1fa0b589ab03p-1 0x1.ab51be15e79b5p-3 0x1.fffbcc8b1fa41p-1 "
+            "0x1.0000000000000p+0 0x1.b797ab011d425p-5"
+        ),
+        (
+            "mf float64[5] "
+            "0x1.000000592af31p+0 0x1.07c49360ec473p+0 0x1.0000000002e81p+0 "
+            "0x1.0000000000000p+0 0x1.8273e658949e2p+0"
+        ),
+    ],
+    "eapm_loss sigmoid s=1.5 seed=0 float32": [
+        (
+            "out0 float32[6, 8] "
+            "0x1.9000000000000p+4 0x1.2c00000000000p+6 0x0.0p+0 "
+            "0x0.0p+0 0x1.65786c0000000p+0 0x1.2fee540000000p-31"
+        ),
+        (
+            "grad float32[6, 8] "
+            "-0x1.a728100000000p-6 0x1.748a340000000p-1 -0x0.0p+0 "
+            "0x0.0p+0 -0x1.5878640000000p-4 0x1.a31f1a0000000p-30"
+        ),
+    ],
+    "eapm_loss softmax s=1.5 seed=1 float64": [
+        (
+            "out0 float64[6] "
+            "0x1.218a89fe04499p+2 0x0.0p+0 0x1.a5213999917cap+2 "
+            "0x1.1b4fa7d4b61ffp-1 0x1.74203b2e95ce5p+6 0x1.9b335182c955bp+1"
+        ),
+        (
+            "grad float64[6, 8] "
+            "0x1.0a7484aa92640p-10 0x1.43f55ed2b549fp-14 0x1.0cc2088ab87d3p-12 "
+            "0x1.9d09b60412fd4p-4 -0x1.a291478a6d7dcp-4 0x1.06232fb52aa9ep-49"
+        ),
+    ],
+    "eapm_loss identity s=1.5 seed=2 float64": [
+        (
+            "out0 float64[8, 4] "
+            "0x1.e7a76c7402efcp+0 0x1.5324f829515f2p+0 0x1.efe66c2360baap+0 "
+            "0x1.5232044aee59cp+1 0x0.0p+0 0x0.0p+0"
+        ),
+        (
+            "grad float64[8, 4] "
+            "0x1.3d5e0c0000000p-3 0x1.748a348000000p+0 0x1.6c0f158000000p+0 "
+            "-0x1.77d2fc0000000p+0 0x0.0p+0 0x0.0p+0"
+        ),
+    ],
+    "modulate_prediction softmax s=1.5 seed=0 float64": [
+        (
+            "out0 float64[6, 8] "
+            "-0x1.575175ac773c6p+0 -0x1.83f54ec2536e2p+2 -0x1.3a7ce8af9599bp+3 "
+            "-0x1.a7ee13e4a94a6p+2 -0x1.5e41c4f8e5529p+1 -0x1.001a3d8c6dffdp+0"
+        ),
+        (
+            "out1 float64[6] "
+            "0x1.d1fa0b589ab03p-1 0x1.e44d5a6fb3deep-1 0x1.ab51be15e79b4p-3 "
+            "0x1.fffbcc8b1fa41p-1 0x1.0000000000000p+0 0x1.b797ab011d420p-5"
+        ),
+        (
+            "out2 float64[6] "
+            "0x1.070e53d4a5932p+0 0x1.0000000000000p+0 0x1.9a1cf5871c758p+0 "
+            "0x1.000091c350782p+0 0x1.0000000000000p+0 0x1.d3280ca694ceep+0"
+        ),
+        (
+            "grad float64[6, 8] "
+            "0x1.a728100000000p-4 0x1.f0b8460000000p-1 0x1.e569720000000p-1 "
+            "0x1.f519500000000p-1 0x1.4e9b240000000p-2 0x1.d70dd00000000p-1"
+        ),
+    ],
+    "ghm_bin_index seed=1 float32": [
+        (
+            "ghm_bin_index int64[48] "
+            "0x0.0p+0 0x1.4000000000000p+3 0x1.4000000000000p+3 "
+            "0x0.0p+0 0x1.0000000000000p+0 0x1.0000000000000p+0"
+        ),
+        (
+            "ghm_bin_index int64[48] "
+            "0x0.0p+0 0x1.0000000000000p+1 0x1.0000000000000p+1 "
+            "0x0.0p+0 0x0.0p+0 0x0.0p+0"
+        ),
+    ],
 }
 
 
@@ -213,24 +331,45 @@ def test_pins_can_fail():
     assert all(math.isfinite(g) for g in g_vals)
 
 
-def test_fingerprint_covers_every_public_loss():
-    """Every public loss of ``eapm.losses`` has a case in the fingerprint (names in the
-    case headers), and large cases report a digest, small ones every element."""
+# names of ``eapm.losses.__all__`` with no number to fingerprint: the checks of arguments, the
+# controls of the compiled-kernel cache, the tuple of link names
+NOT_LOSSES = {
+    "check_eapm_param",
+    "check_balanced_l1_params",
+    "check_ghm_params",
+    "clear_compiled_kernels",
+    "compiled_kernel_state",
+    "LINKS",
+}
+
+
+def test_fingerprint_covers_every_public_loss(monkeypatch):
+    """Every name of ``eapm.losses.__all__`` but ``NOT_LOSSES`` is called by the fingerprint:
+    each is replaced, in the fingerprint module, by a wrapper that records its calls (a name
+    the module does not import is added there, and never called), then the cases are built
+    and one case of each kind (a header up to its seed: every function, link, mu and
+    reduction) is run. A public loss added to ``eapm.losses`` without a case in the
+    fingerprint fails here. Large cases report a digest, small ones every element."""
+    import eapm.losses
     from tests.losses import fingerprint
 
-    names = {k.split(" ")[0] for k in fingerprint._cases()}
-    for public in (
-        "sigmoid_focal_loss",
-        "eapm_sigmoid_focal_loss",
-        "eapm_focal_terms",
-        "eapm_focal_loss_sum_with_stats",
-        "balanced_l1_loss",
-        "eapm_balanced_l1_loss",
-        "GHM",
-        "attributes",
-        "chunked",
-    ):
-        assert public in names, public
+    public = set(eapm.losses.__all__)
+    assert NOT_LOSSES <= public
+    called = set()
+    for name in public - NOT_LOSSES:
+
+        def wrapper(*args, _name=name, _original=getattr(eapm.losses, name), **kwargs):
+            called.add(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fingerprint, name, wrapper, raising=False)
+    first_of_kind = {}
+    for case in fingerprint._cases():
+        first_of_kind.setdefault(case.split(" seed=")[0], case)
+    for case in first_of_kind.values():
+        assert fingerprint.run_case(case), case
+    missing = sorted(public - NOT_LOSSES - called)
+    assert not missing, f"public names of eapm.losses no fingerprint case calls: {missing}"
     assert "sha256=" in tensor_repr(torch.zeros(65))
     assert tensor_repr(torch.zeros(2)) == "float32[2] 0x0.0p+0 0x0.0p+0"
     assert GHMC.__module__ == "eapm.losses.ghm"

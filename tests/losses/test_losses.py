@@ -335,6 +335,65 @@ def test_eapm_balanced_l1_modulates_only_wh_and_raises_large_variation():
         eapm_balanced_l1_loss(torch.zeros(3, 5), torch.zeros(3, 5), 1.0)
 
 
+def _bl1_value_and_slope(d, alpha=0.5, gamma=1.5, beta=1.0):
+    """mmdetection's balanced L1 and its derivative at |error| ``d`` (float64 tensors):
+    inlier alpha/b (b d + 1) ln(b d / beta + 1) - alpha d, slope alpha (ln(b d / beta + 1) +
+    (b d + 1) / (b d + beta) - 1); outlier gamma d + gamma / b - alpha beta, slope gamma."""
+    b = math.exp(gamma / alpha) - 1
+    log_term = torch.log1p(b * d / beta)
+    inlier = d < beta
+    value = torch.where(
+        inlier, alpha / b * (b * d + 1) * log_term - alpha * d, gamma * d + gamma / b - alpha * beta
+    )
+    slope = torch.where(inlier, alpha * (log_term + (b * d + 1) / (b * d + beta) - 1), gamma)
+    return value, slope
+
+
+def _eapm_bl1_float64(pred, tgt, theta, columns, beta):
+    """(value, gradient) of EAPM balanced L1 in float64 with MF applied to ``columns`` only:
+    t' = t* + MF (t - t*), MF = 1 + tanh(theta) - tanh(theta GoS), GoS = |t - t*| / (|t| +
+    |t*|); the value is balanced L1 at t', the gradient its derivative at t'."""
+    gos_ = (pred - tgt).abs() / (pred.abs() + tgt.abs())
+    mf = 1 + math.tanh(theta) - torch.tanh(theta * gos_)
+    keep = torch.ones(4, dtype=torch.bool)
+    keep[list(columns)] = False
+    mf = mf.masked_fill(keep, 1.0)
+    err = mf * (pred - tgt)
+    value, slope = _bl1_value_and_slope(err.abs(), beta=beta)
+    return value, slope * err.sign()
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.11])
+def test_eapm_balanced_l1_leaves_nonzero_dx_dy_unmodulated_float64(beta):
+    """dx, dy with nonzero targets and predictions (GoS < 1, so MF > 1 would change them) keep
+    the plain balanced L1 value and gradient; dw, dh get the modulated ones (float64 closed
+    form). Modulating all four columns would miss both value and gradient."""
+    theta = 1.5
+    tgt = torch.tensor(
+        [[0.4, -0.3, 0.5, -0.2], [-0.6, 0.25, -0.35, 0.3], [0.05, 0.08, 0.2, 0.15]],
+        dtype=torch.float64,
+    )
+    # errors: dx, dy small enough to stay inliers of beta 0.11 even when scaled by MF < 2
+    # (the gradient then depends on the error), dw, dh inliers and outliers
+    error = torch.tensor(
+        [[0.05, -0.04, 0.2, 0.1], [0.04, 0.03, -0.1, 0.12], [0.03, -0.05, 0.05, 0.02]],
+        dtype=torch.float64,
+    )
+    pred = (tgt + error).requires_grad_()
+    loss = eapm_balanced_l1_loss(pred, tgt, theta, beta=beta)
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    want, want_grad = _eapm_bl1_float64(pred.detach(), tgt, theta, (2, 3), beta)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)
+    # the dx, dy entries are where modulating would show: GoS < 1 there, MF well above 1
+    gos_xy = gap_over_sum(pred.detach(), tgt)[:, :2]
+    assert bool((gos_xy < 0.5).all())
+    all_cols, all_cols_grad = _eapm_bl1_float64(pred.detach(), tgt, theta, (0, 1, 2, 3), beta)
+    assert bool(((all_cols - want)[:, :2].abs() > 1e-4).all())
+    assert bool(((all_cols_grad - want_grad)[:, :2].abs() > 1e-4).all())
+    torch.testing.assert_close(loss[:, :2], balanced_l1_loss(pred, tgt, beta=beta)[:, :2])
+
+
 def test_eapm_property_finite_loss_stays_finite():
     """EAPM never turns a finite base loss into NaN/Inf: random and extreme inputs."""
     g = torch.Generator().manual_seed(3)
