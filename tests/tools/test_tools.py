@@ -187,7 +187,9 @@ def fake_runs(tmp_path):
     # 1) log.txt with an old and a newer evaluation, config.yaml naming the config
     a = tmp_path / "retinanet_R_50_FPN_1x"
     a.mkdir()
-    a.joinpath("config.yaml").write_text(_config_yaml("./output/COCO-Detection/retinanet_R_50_FPN_1x"))
+    a.joinpath("config.yaml").write_text(
+        _config_yaml("./output/COCO-Detection/retinanet_R_50_FPN_1x")
+    )
     a.joinpath("log.txt").write_text(
         _log(
             [
