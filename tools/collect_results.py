@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Collect the COCO box AP of training / evaluation output folders into a Markdown table.
 
-    python tools/collect_results.py output/coco/retinanet_R_50_FPN_1x \\
-        output/coco/retinanet_R_50_FPN_1x_eapm_mu1.5 --paper
+    python tools/collect_results.py output/COCO-Detection/retinanet_R_50_FPN_1x \\
+        output/COCO-Detection/retinanet_R_50_FPN_1x_eapm_mu1.5 --paper
     python tools/collect_results.py output/quickstart/* --baseline retinanet
 
 For each OUT_DIR the result is the last bbox evaluation in ``log.txt`` (the

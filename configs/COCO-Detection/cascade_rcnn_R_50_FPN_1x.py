@@ -40,4 +40,4 @@ model.roi_heads.update(
     ],
 )
 model.proposal_generator.post_nms_topk = (2000, 1000)  # MODEL.RPN.POST_NMS_TOPK_TRAIN 2000
-train.output_dir = "./output/coco/cascade_rcnn_R_50_FPN_1x"
+train.output_dir = "./output/COCO-Detection/cascade_rcnn_R_50_FPN_1x"

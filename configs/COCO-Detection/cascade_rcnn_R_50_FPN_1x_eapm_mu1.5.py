@@ -12,4 +12,4 @@ for _predictor in model.roi_heads.box_predictors:
         eapm_cls_mu=1.5,  # MODEL.EAPM.CLS.MU
         histogram_period=0,  # MODEL.EAPM.HISTOGRAM_PERIOD
     )
-train.output_dir = "./output/coco/cascade_rcnn_R_50_FPN_1x_eapm_mu1.5"
+train.output_dir = "./output/COCO-Detection/cascade_rcnn_R_50_FPN_1x_eapm_mu1.5"

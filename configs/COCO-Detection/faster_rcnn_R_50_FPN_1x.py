@@ -17,4 +17,4 @@ dataloader, lr_multiplier, model, optimizer, train = (
 for _key in ("mask_in_features", "mask_pooler", "mask_head"):
     del model.roi_heads[_key]
 dataloader.train.mapper.use_instance_mask = False
-train.output_dir = "./output/coco/faster_rcnn_R_50_FPN_1x"
+train.output_dir = "./output/COCO-Detection/faster_rcnn_R_50_FPN_1x"

@@ -13,4 +13,4 @@ model.roi_heads.box_predictor.update(
     eapm_cls_mu=1.5,  # MODEL.EAPM.CLS.MU
     histogram_period=0,  # MODEL.EAPM.HISTOGRAM_PERIOD
 )
-train.output_dir = "./output/coco/faster_rcnn_R_50_FPN_1x_eapm_mu1.5"
+train.output_dir = "./output/COCO-Detection/faster_rcnn_R_50_FPN_1x_eapm_mu1.5"

@@ -45,4 +45,4 @@ train.checkpointer.period = 10000
 # the whole model's gradient norm (yacs CLIP_TYPE "full_model", mmdetection's grad_clip)
 train.clip_gradients = dict(enabled=True, clip_type="full_model", clip_value=35.0, norm_type=2.0)
 train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
-train.output_dir = "./output/coco/fcos_R_50_FPN_1x"
+train.output_dir = "./output/COCO-Detection/fcos_R_50_FPN_1x"

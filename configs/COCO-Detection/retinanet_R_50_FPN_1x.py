@@ -44,4 +44,4 @@ train.eval_period = 0  # evaluate at the end (yacs TEST.EVAL_PERIOD 0)
 train.seed = -1
 train.clip_gradients = dict(enabled=False)
 train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
-train.output_dir = "./output/coco/retinanet_R_50_FPN_1x"
+train.output_dir = "./output/COCO-Detection/retinanet_R_50_FPN_1x"

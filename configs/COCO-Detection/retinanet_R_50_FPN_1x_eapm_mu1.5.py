@@ -3,4 +3,4 @@
 from .retinanet_R_50_FPN_1x import dataloader, lr_multiplier, model, optimizer, train
 
 model.eapm_cls_mu = 1.5
-train.output_dir = "./output/coco/retinanet_R_50_FPN_1x_eapm_mu1.5"
+train.output_dir = "./output/COCO-Detection/retinanet_R_50_FPN_1x_eapm_mu1.5"

@@ -29,4 +29,4 @@ train.eval_period = 0
 train.seed = -1
 train.clip_gradients = dict(enabled=False)
 train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
-train.output_dir = "./output/coco/mask_rcnn_R_50_FPN_1x"
+train.output_dir = "./output/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x"

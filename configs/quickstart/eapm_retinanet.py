@@ -98,4 +98,4 @@ train.init_checkpoint = ""
 # detectron2's "norm": every parameter tensor's gradient norm clipped at 10 on its own
 train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=10.0, norm_type=2.0)
 train.preemption = dict(signals=["SIGTERM", "SIGUSR1"], exit_code=75)  # SOLVER.PREEMPTION
-train.output_dir = "./output/quickstart/eapm_retinanet_lazy"
+train.output_dir = "./output/quickstart/eapm_retinanet"

@@ -1,5 +1,6 @@
 """The paper's reported COCO numbers (Wu et al., EAPM, Tables 1-3), keyed by the names
-of this repository's configs in ``configs/COCO-Detection/``.
+of this repository's configs in ``configs/COCO-Detection/`` (and
+``configs/COCO-InstanceSegmentation/`` for Mask R-CNN R-50).
 
 Values are box AP in percent: (AP, AP50, AP75, APs, APm, APl). Tables 1 and 2 are on
 ``coco_2017_val``, Table 3 on ``coco_2017_test-dev``. The paper trained with mmdetection

@@ -1,6 +1,6 @@
-"""Imports run one way (DESIGN.md section 7): the config keys, the capability mixins and the
-losses import nothing above them, the models import nothing of the validation or the
-trainer, and the package has no import cycle.
+"""Imports run one way (docs/design.md, "Import direction"): the config keys, the
+capability mixins and the losses import nothing above them, the models import nothing of the
+validation or the trainer, and the package has no import cycle.
 
 Two views: what a fresh interpreter really loads (the package's ``__init__``, which imports
 everything to register it, is replaced by a bare package object so that only the module

@@ -150,8 +150,9 @@ def _fails_before_the_model(tmp_path, case):
 
 
 def test_truncated_jpeg_fails_before_the_model(tmp_path):
-    """The issue's case: a truncated JPEG used to end training mid-way with a bare
-    ``OSError: image file is truncated``."""
+    """A truncated JPEG fails before the model is built, naming the file (without the check,
+    detectron2's loader ends training mid-way with a bare ``OSError: image file is
+    truncated``)."""
     last = _fails_before_the_model(tmp_path, "truncated_jpeg")
     assert "/train/002.jpg" in last
 

@@ -91,7 +91,7 @@ def test_genuine_files_of_each_kind_load(tmp_path):
     tv = str(tmp_path / "tv.pth")
     torch.save(collections.OrderedDict(weight=torch.ones(2, 2)), tv)
     assert torch.equal(load_checkpoint_file(tv)["weight"], torch.ones(2, 2))
-    # this project's checkpoints before 0.5 held numpy's generator state: still readable
+    # a checkpoint holding NumPy's generator state (a NumPy array) is readable
     old = str(tmp_path / "model_0000009.pth")
     state = np.random.get_state()
     torch.save(

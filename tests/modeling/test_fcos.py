@@ -1,4 +1,4 @@
-"""EAPMFCOS: detectron2's FCOS built from yacs keys, with EAPM focal loss (issue #4)."""
+"""EAPMFCOS: detectron2's FCOS built from yacs keys, with EAPM focal loss."""
 
 from __future__ import annotations
 

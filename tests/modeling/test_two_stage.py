@@ -1,4 +1,4 @@
-"""EAPM in the two-stage detectors (issue 20): EAPM cross entropy in the ROI box predictor of
+"""EAPM in the two-stage detectors: EAPM cross entropy in the ROI box predictor of
 Faster / Mask / Cascade R-CNN (``EAPMROIHeads``, ``EAPMCascadeROIHeads``, ``LibraROIHeads``),
 EAPM binary cross entropy on the RPN objectness (``EAPMRPN``), their configs, diagnostics and
 validation, and the two-stage variants of tools/ablation.py.

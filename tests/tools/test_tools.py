@@ -187,7 +187,9 @@ def fake_runs(tmp_path):
     # 1) log.txt with an old and a newer evaluation, config.yaml naming the config
     a = tmp_path / "retinanet_R_50_FPN_1x"
     a.mkdir()
-    a.joinpath("config.yaml").write_text(_config_yaml("./output/coco/retinanet_R_50_FPN_1x"))
+    a.joinpath("config.yaml").write_text(
+        _config_yaml("./output/COCO-Detection/retinanet_R_50_FPN_1x")
+    )
     a.joinpath("log.txt").write_text(
         _log(
             [
@@ -288,8 +290,10 @@ def test_collect_results_parsers(tmp_path):
 def test_paper_results_cover_the_coco_configs():
     from eapm.paper_results import PAPER_ROWS, TEST_DEV, VAL, paper_configs, paper_result
 
+    folders = ("COCO-Detection", "COCO-InstanceSegmentation")
     for name in paper_configs():
-        assert os.path.isfile(os.path.join(REPO, "configs", "COCO-Detection", name + ".yaml")), name
+        files = [os.path.join(REPO, "configs", d, name + ".yaml") for d in folders]
+        assert sum(os.path.isfile(f) for f in files) == 1, name  # one config of that name
     assert len([k for k in PAPER_ROWS if k[1] == VAL]) == 12 + 7
     assert len([k for k in PAPER_ROWS if k[1] == TEST_DEV]) == 12  # Table 3: 6 rows x 2
     assert paper_result("retinanet_R_101_FPN_1x_ghm", "coco_2017_test-dev").values == (

@@ -91,12 +91,10 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    """Restores ``_rng_state()`` (also the NumPy array of earlier versions' checkpoints)."""
+    """Restores ``_rng_state()``."""
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
-    if isinstance(keys, torch.Tensor):
-        keys = keys.numpy().astype(np.uint32)
-    np.random.set_state((name, keys, *rest))
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

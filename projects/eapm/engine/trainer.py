@@ -99,14 +99,6 @@ class EAPMTrainer(DefaultTrainer):
         later iteration would start a new one (``eapm.engine.hooks.close_train_loader``)."""
         close_train_loader(self)
 
-    def load_state_dict(self, state_dict):
-        # checkpoints of earlier versions hold the resume state as the trainer's "eapm_resume"
-        if "eapm_resume" in state_dict:
-            state_dict = dict(state_dict)
-            old = state_dict.pop("eapm_resume")
-            state_dict["hooks"] = {ResumeState.__qualname__: old, **state_dict.get("hooks", {})}
-        super().load_state_dict(state_dict)
-
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:

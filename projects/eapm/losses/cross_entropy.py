@@ -10,7 +10,7 @@ Softmax (``eapm_cross_entropy``), per example (row) with logits ``x`` (C classes
 ``p'`` is again a distribution (``MF Dif <= 1`` for every mu >= 0). The value is the cross
 entropy at ``p'``, ``-log p'_y = -log(1 - MF Dif)``; the gradient w.r.t. the logits is the
 cross entropy's gradient at the modulated point, ``softmax(x') - Y = p' - Y = MF (p - Y)``
-(MF not differentiated, no chain-rule factor: DESIGN.md section 2), attached in closed form.
+(MF not differentiated, no chain-rule factor: docs/design.md), attached in closed form.
 
 Numerics: with ``u = p_y`` and ``MF - 1 = u r`` (the tanh factor's factorisation,
 ``attributes._tanh_factor_excess_over_u``), ``1 - MF Dif = u (1 - Dif r)`` and

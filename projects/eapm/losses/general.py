@@ -9,7 +9,7 @@ EAPM is defined for any loss ``L(pred, target)``:
 3. the modulated prediction ``p' = p* + MF (p - p*)``;
 4. the loss evaluated at ``p'``, whose gradient reaches the raw output *as it is at the
    modulated point*: MF is not differentiated and there is no chain-rule factor
-   (DESIGN.md section 2). Implemented as the straight-through shift
+   (docs/design.md, "Gradient semantics"). Implemented as the straight-through shift
    ``x_mod = x + (x' - x).detach()`` of the raw prediction ``x`` to the raw value ``x'``
    whose prediction is ``p'``: the base loss sees ``x'`` and its gradient w.r.t. ``x_mod``
    passes to ``x`` unchanged.
