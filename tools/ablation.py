@@ -37,8 +37,8 @@ Two-stage variants (configs/quickstart/):
                             classification: the classification change only (same network and
                             initialisation per seed as faster_rcnn)
 
-EAPM regression modulates the balanced L1 loss, so it needs
-MODEL.RETINANET.BBOX_REG_LOSS_TYPE balanced_l1; comparing eapm_mu1.5_theta1.0 with
+EAPM regression here modulates the balanced L1 loss (the paper's; the IoU losses can be
+modulated too), which retinanet does not use; comparing eapm_mu1.5_theta1.0 with
 retinanet would mix the loss change with EAPM. Each variant is therefore compared
 (paired over seeds) with the variant that differs from it in one thing only, its
 "reference" below. All variants share the architecture, data, schedule and, per seed,

@@ -28,7 +28,9 @@ model.anchor_generator.sizes = [
 ]
 # EAPM's keyword arguments (EAPMRetinaNet.from_config reads them from the yacs keys); off here
 model.eapm_cls_mu = 0.0  # MODEL.EAPM.CLS.MU (0 = detectron2's focal loss)
-model.eapm_reg_theta = 0.0  # MODEL.EAPM.REG.THETA (needs box_reg_loss_type "balanced_l1")
+model.eapm_reg_theta = (
+    0.0  # MODEL.EAPM.REG.THETA (box loss "balanced_l1", "giou", "diou" or "ciou")
+)
 model.loss_normalizer = "ema"  # MODEL.LOSS_NORMALIZER.TYPE
 model.compile_kernels = True  # MODEL.EAPM.COMPILE
 

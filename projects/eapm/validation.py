@@ -49,7 +49,8 @@ from .capabilities import (
 from .config import add_eapm_config, add_module_configs, import_modules, merge_config_file
 from .data import check_category_counts
 from .data.image_check import LEVELS
-from .engine.solver import CLIP_TYPES
+from .engine.hooks import preemption_signals
+from .engine.solver import CLIP_TYPES, OPTIMIZERS
 
 __all__ = ["check_datasets_fit_model", "keys_read_by_model", "load_config", "validate_config"]
 
@@ -192,12 +193,20 @@ def _describe(obj) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
+def _use(registry, capability) -> str:
+    """The registered names of ``registry`` whose class has ``capability``, for an error's
+    "use ...": taken from the registry, so a class registered later is named too."""
+    names = sorted(
+        name for name, obj in registry if isinstance(obj, type) and issubclass(obj, capability)
+    )
+    quoted = [f"'{n}'" for n in names]
+    listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
+    return f"{listed} (or a subclass)"
+
+
 # ---------------------------------------------------------------------------
 # 1. keys of the trainer and the data loaders
 # ---------------------------------------------------------------------------
-# the signals a preemption handler can catch (not SIGKILL / SIGSTOP)
-_CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
-_OPTIMIZERS = ("SGD", "ADAMW")
 
 
 def _is_positive_number(v) -> bool:
@@ -206,14 +215,10 @@ def _is_positive_number(v) -> bool:
 
 def _validate_trainer_keys(cfg: CN) -> None:
     opt = cfg.SOLVER.OPTIMIZER
-    _require(opt in _OPTIMIZERS, "SOLVER.OPTIMIZER", f"must be one of {_OPTIMIZERS}", opt)
+    _require(opt in OPTIMIZERS, "SOLVER.OPTIMIZER", f"must be one of {OPTIMIZERS}", opt)
     sigs = cfg.SOLVER.PREEMPTION.SIGNALS
-    _require(
-        isinstance(sigs, (list, tuple)) and all(s in _CATCHABLE_SIGNALS for s in sigs),
-        "SOLVER.PREEMPTION.SIGNALS",
-        f"must be a list of signal names among {_CATCHABLE_SIGNALS}",
-        sigs,
-    )
+    _require(isinstance(sigs, (list, tuple)), "SOLVER.PREEMPTION.SIGNALS", "must be a list", sigs)
+    _checked(cfg, "SOLVER.PREEMPTION.SIGNALS", preemption_signals)  # the handler's own rule
     code = cfg.SOLVER.PREEMPTION.EXIT_CODE
     _require(
         isinstance(code, int) and not isinstance(code, bool) and 1 <= code <= 255,
@@ -300,8 +305,8 @@ def _validate_capabilities(cfg: CN) -> None:
         _fail(
             "MODEL.EAPM.CLS.ENABLED",
             True,
-            f"{where} has no EAPM focal loss and would train without it; use 'EAPMRetinaNet' "
-            "or 'EAPMFCOS' (or a subclass)",
+            f"{where} has no EAPM focal loss and would train without it; use "
+            f"{_use(META_ARCH_REGISTRY, SupportsEAPMFocal)}",
         )
     _validate_eapm_rpn(cfg, arch, where)
     # the class that owns the box regression loss, and the key that selects its type
@@ -310,11 +315,11 @@ def _validate_capabilities(cfg: CN) -> None:
         owner = _registered(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", heads_name)
         owner_key, loss_key = "MODEL.ROI_HEADS.NAME", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
         owner_where = f"MODEL.ROI_HEADS.NAME {heads_name!r} ({_describe(owner)})"
-        use = "'LibraROIHeads' (or a subclass)"
+        use = _use(ROI_HEADS_REGISTRY, SupportsEAPMBalancedL1)
     else:
         owner, owner_key, owner_where = arch, "MODEL.META_ARCHITECTURE", where
         loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE" if issubclass(arch, RetinaNet) else None
-        use = "'EAPMRetinaNet' (or a subclass)"
+        use = _use(META_ARCH_REGISTRY, SupportsEAPMBalancedL1)
     supports_bl1 = issubclass(owner, SupportsEAPMBalancedL1)
     if e.REG.ENABLED and not supports_bl1:
         _fail(
@@ -330,7 +335,7 @@ def _validate_capabilities(cfg: CN) -> None:
             f"it has no 'balanced_l1' box loss ({loss_key}); use {use}",
         )
     # GHM: GHM-C (MODEL.GHM.CLS.ENABLED) and GHM-R (box loss "ghm_r") need SupportsGHM
-    ghm_use = "'EAPMRetinaNet' (or a subclass)"
+    ghm_use = _use(META_ARCH_REGISTRY, SupportsGHM)
     supports_ghm = issubclass(arch, SupportsGHM)
     if cfg.MODEL.GHM.CLS.ENABLED and not supports_ghm:
         _fail(
@@ -370,10 +375,10 @@ def _validate_capabilities(cfg: CN) -> None:
         _checked(cfg, arch.head_norm_key, lambda v: arch.check_head_norm(v, channels))
 
 
-def _registered_capable(cfg: CN, registry, name_key, capability, switch_key, lacks, use):
+def _registered_capable(cfg: CN, registry, name_key, capability, switch_key, lacks):
     """The class registered under the name at ``name_key``; a ``switch_key`` switched on that
     it cannot honour (not a subclass of ``capability``) is an error naming it, that says what
-    the class ``lacks`` and which classes to ``use`` instead."""
+    the class ``lacks`` and which registered classes to use instead."""
     name = _get(cfg, name_key)
     cls = _registered(registry, name_key, name)
     if not issubclass(cls, capability):
@@ -381,7 +386,7 @@ def _registered_capable(cfg: CN, registry, name_key, capability, switch_key, lac
             switch_key,
             True,
             f"{name_key} {name!r} ({_describe(cls)}) has no {lacks} and would train without "
-            f"it; use {use}",
+            f"it; use {_use(registry, capability)}",
         )
     return cls
 
@@ -398,7 +403,6 @@ def _validate_rcnn_eapm_cls(cfg: CN) -> None:
         SupportsEAPMSoftmaxCE,
         "MODEL.EAPM.CLS.ENABLED",
         "EAPM cross entropy in its box predictor",
-        "'EAPMROIHeads', 'EAPMCascadeROIHeads' or 'LibraROIHeads' (or a subclass)",
     )
     mu = float(e.CLS.MU)
     _checked(cfg, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", lambda v: heads.check_cls_loss(v, mu))
@@ -421,7 +425,6 @@ def _validate_eapm_rpn(cfg: CN, arch, where: str) -> None:
         SupportsEAPMObjectness,
         "MODEL.EAPM.RPN.ENABLED",
         "EAPM objectness loss",
-        "'EAPMRPN' (or a subclass)",
     )
 
 

@@ -73,11 +73,19 @@ def clip_kwargs(cfg) -> dict:
     )
 
 
+# the optimizers of SOLVER.OPTIMIZER (build_optimizer; the config validation asks this tuple)
+OPTIMIZERS = ("SGD", "ADAMW")
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of a yacs config: detectron2's SGD (SOLVER.OPTIMIZER "SGD"; its
     parameter groups, momentum, Nesterov and weight decay) or AdamW ("ADAMW"; the same
     parameter groups, SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY), with the gradient clipping of
     SOLVER.CLIP_GRADIENTS (``clip_gradients``)."""
+    if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
+        raise ValueError(
+            f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {cfg.SOLVER.OPTIMIZER!r}"
+        )
     if cfg.SOLVER.OPTIMIZER == "SGD":
         plain = cfg.clone()  # detectron2's SGD without detectron2's clipping: ours below
         plain.defrost()

@@ -107,8 +107,9 @@ class EAPMFastRCNNOutputLayers(
     ``BOX_REG_LOSSES``):
         eapm_cls_mu: mu >= 0 of EAPM cross entropy on the softmax classification; 0 =
             detectron2's cross entropy (bitwise). > 0 needs ``use_sigmoid_ce=False``.
-        eapm_reg_theta: theta >= 0 of EAPM; 0 = plain balanced L1. > 0 needs
-            ``box_reg_loss_type="balanced_l1"``.
+        eapm_reg_theta: theta >= 0 of EAPM regression; 0 = no modulation. > 0 needs
+            ``box_reg_loss_type`` "balanced_l1" (EAPM balanced L1) or one of detectron2's IoU
+            losses "giou" / "diou" / "ciou" (the dw, dh deltas modulated, then decoded).
         balanced_l1: (alpha, gamma, beta) > 0; Libra R-CNN uses (0.5, 1.5, 1.0).
         histogram_period: log Dif / GoS / MF histograms every this many iterations (0 = never).
         compile_kernels: run the balanced L1 kernel through ``torch.compile``.
