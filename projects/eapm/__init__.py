@@ -12,13 +12,13 @@ only. ``eapm.HAS_DETECTRON2`` says which case holds; asking for ``eapm.load_conf
 ``ModuleNotFoundError`` naming detectron2. A detectron2 that is installed but fails to
 import raises its own error here, as before.
 
-Imports run one way: ``config``, ``capabilities`` and ``losses`` import nothing above them;
-``modeling`` imports ``losses``, ``capabilities`` and ``upstream`` and reads its own keys
-(``modeling.keys``); ``checkpoint`` imports ``safe_load``; ``engine`` imports ``data``,
-``checkpoint`` and (the LazyConfig loop's defaults) ``config``, but no model: it builds
-them through detectron2's registries; ``validation``
-imports ``modeling``, ``capabilities``, ``config``, ``data.image_check`` and
-``engine.solver``; ``export``, ``model_zoo``, ``utils`` and the tools sit on top
+Imports run one way: ``config`` and ``losses`` import nothing above them; ``modeling``
+imports ``losses`` and ``upstream`` and reads its own keys (``modeling.keys``);
+``checkpoint`` imports ``safe_load``; ``engine`` imports ``data``, ``checkpoint`` and (the
+LazyConfig loop's defaults) ``config``, but no model: it builds them through detectron2's
+registries; ``validation`` imports ``modeling``, ``config``, ``data`` and ``engine`` (the
+modules that own the trainer keys' rules); ``export``, ``model_zoo``, ``utils`` and the
+tools sit on top
 (tests/config/test_import_graph.py checks it; docs/layout.md lists every module).
 """
 

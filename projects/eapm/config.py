@@ -21,12 +21,19 @@ from detectron2.config import CfgNode as CN
 
 __all__ = [
     "ConfigFileError",
+    "invalid",
     "add_eapm_config",
     "add_module_configs",
     "config_file_chain",
     "import_modules",
     "merge_config_file",
 ]
+
+
+def invalid(key: str, value: Any, msg: str) -> ValueError:
+    """The error of a config value a module cannot use: ``Invalid config KEY = VALUE: msg``
+    (one format for every check of a key, wherever it lives)."""
+    return ValueError(f"Invalid config {key} = {value!r}: {msg}")
 
 
 def import_modules(names: Sequence[str]) -> List[ModuleType]:
@@ -191,7 +198,7 @@ def add_eapm_config(cfg: CN) -> CN:
 
     # ------------------------------------------------ GHM (GHM RetinaNet, Table 3)
     # Gradient harmonizing losses (Li, Liu, Wang, AAAI 2019), mmdetection's formulation and
-    # its RetinaNet settings; models with eapm.capabilities.SupportsGHM (EAPMRetinaNet).
+    # its RetinaNet settings; models whose from_config reads them (EAPMRetinaNet).
     # Neither GHM loss is divided by the dense-head normaliser (MODEL.LOSS_NORMALIZER):
     # each is normalised by its own number of valid elements, as in mmdetection.
     _C.MODEL.GHM = CN()

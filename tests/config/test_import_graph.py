@@ -60,10 +60,6 @@ def test_config_loads_nothing_of_the_package():
     assert loaded_by("eapm.config") == ["eapm.config"]
 
 
-def test_capabilities_load_nothing_of_the_package():
-    assert loaded_by("eapm.capabilities") == ["eapm.capabilities"]
-
-
 def test_losses_load_only_the_losses():
     loaded = loaded_by("eapm.losses")
     assert "eapm.losses" in loaded
@@ -72,7 +68,7 @@ def test_losses_load_only_the_losses():
 
 def test_models_load_neither_the_config_nor_what_sits_above_them():
     loaded = loaded_by("eapm.modeling")
-    allowed = ("eapm.modeling", "eapm.losses", "eapm.capabilities", "eapm.upstream")
+    allowed = ("eapm.modeling", "eapm.losses", "eapm.upstream")
     assert "eapm.modeling.retinanet" in loaded and "eapm.modeling.fcos" in loaded
     assert [m for m in loaded if not _is(m, *allowed)] == []
 
@@ -172,10 +168,8 @@ def test_the_graph_sees_the_imports():
     """The parser finds what the files say (else the checks below would pass vacuously)."""
     graph = import_graph()
     assert {"eapm.modeling", "eapm.config", "eapm.validation"} <= graph["eapm"]
-    assert {"eapm.losses", "eapm.capabilities", "eapm.modeling.keys"} <= graph[
-        "eapm.modeling.retinanet"
-    ]
-    assert {"eapm.modeling", "eapm.config", "eapm.capabilities"} <= graph["eapm.validation"]
+    assert {"eapm.losses", "eapm.modeling.keys"} <= graph["eapm.modeling.retinanet"]
+    assert {"eapm.modeling", "eapm.config"} <= graph["eapm.validation"]
 
 
 def test_find_cycle_finds_one():
@@ -191,7 +185,6 @@ def test_no_import_cycle_in_the_package():
 # what each layer may import of the package (besides itself)
 BELOW_THE_MODELS = {
     "eapm.config": (),
-    "eapm.capabilities": (),
     "eapm.upstream": (),
     "eapm.losses": ("eapm.losses",),
 }

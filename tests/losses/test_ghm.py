@@ -519,36 +519,57 @@ def test_ghm_off_builds_no_ghm_module_and_each_loss_alone():
 # config validation
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "opts,key",
+    "opts,key,config",
     [
-        (("MODEL.GHM.CLS.BINS", 0), "MODEL.GHM.CLS.BINS"),
-        (("MODEL.GHM.CLS.MOMENTUM", 1.0), "MODEL.GHM.CLS.MOMENTUM"),
-        (("MODEL.GHM.REG.MU", 0.0), "MODEL.GHM.REG.MU"),
-        (("MODEL.GHM.REG.BINS", -1), "MODEL.GHM.REG.BINS"),
-        (("MODEL.GHM.REG.LOSS_WEIGHT", -1.0), "MODEL.GHM.REG.LOSS_WEIGHT"),
+        # (a value is checked where it is used: GHM-C's with GHM-C on, GHM-R's with ghm_r)
+        (
+            ("MODEL.GHM.CLS.ENABLED", True, "MODEL.GHM.CLS.BINS", 0),
+            "MODEL.GHM.CLS.BINS",
+            "retinanet",
+        ),
+        (
+            ("MODEL.GHM.CLS.ENABLED", True, "MODEL.GHM.CLS.MOMENTUM", 1.0),
+            "MODEL.GHM.CLS.MOMENTUM",
+            "retinanet",
+        ),
+        (
+            ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.GHM.REG.MU", 0.0),
+            "MODEL.GHM.REG.MU",
+            "retinanet",
+        ),
+        (
+            ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.GHM.REG.BINS", -1),
+            "MODEL.GHM.REG.BINS",
+            "retinanet",
+        ),
+        (("MODEL.GHM.REG.LOSS_WEIGHT", -1.0), "MODEL.GHM.REG.LOSS_WEIGHT", "retinanet"),
         (
             ("MODEL.GHM.CLS.ENABLED", True, "MODEL.EAPM.CLS.ENABLED", True),
             "MODEL.GHM.CLS.ENABLED",
+            "retinanet",
         ),
         (
             ("MODEL.GHM.CLS.ENABLED", True, "MODEL.META_ARCHITECTURE", "RetinaNet"),
             "MODEL.GHM.CLS.ENABLED",
+            "retinanet",
         ),
         (
             ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.META_ARCHITECTURE", "RetinaNet"),
             "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+            "retinanet",
         ),
         (
             ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.EAPM.REG.ENABLED", True),
             "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+            "retinanet",
         ),
-        (("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "ghm_r"), "MODEL.ROI_BOX_HEAD"),
+        (("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "ghm_r"), "MODEL.ROI_BOX_HEAD", "faster_rcnn"),
     ],
 )
-def test_bad_ghm_config_names_the_key(opts, key):
+def test_bad_ghm_config_names_the_key(opts, key, config):
     import eapm
 
-    cfg = tiny_cfg("quickstart/retinanet.yaml", *opts)
+    cfg = tiny_cfg(f"quickstart/{config}.yaml", *opts)
     with pytest.raises(ValueError, match="Invalid config " + key.replace(".", r"\.")):
         eapm.validate_config(cfg)
 
@@ -559,7 +580,9 @@ def test_ghm_on_fcos_is_rejected_and_constructor_checks():
     import eapm
 
     cfg = tiny_cfg("quickstart/fcos.yaml", "MODEL.GHM.CLS.ENABLED", True)
-    with pytest.raises(ValueError, match=r"Invalid config MODEL\.GHM\.CLS\.ENABLED.*no GHM-C"):
+    with pytest.raises(
+        ValueError, match=r"Invalid config MODEL\.GHM\.CLS\.ENABLED = True: no class .* reads"
+    ):
         eapm.validate_config(cfg)
     # the constructor checks its own arguments (no validate_config)
     cfg = tiny_cfg("quickstart/retinanet.yaml", *GHM_OPTS, "MODEL.EAPM.CLS.ENABLED", True)
@@ -574,7 +597,8 @@ def test_ghm_on_fcos_is_rejected_and_constructor_checks():
 # Table 3 configs
 # ----------------------------------------------------------------------------
 TABLE3 = [
-    f"COCO-Detection/{name}_R_{depth}_FPN_1x{suffix}.yaml"
+    f"COCO-{'InstanceSegmentation' if (name, depth) == ('mask_rcnn', 50) else 'Detection'}/"
+    f"{name}_R_{depth}_FPN_1x{suffix}.yaml"
     for depth in (50, 101)
     for name, suffix in (
         ("faster_rcnn", ""),

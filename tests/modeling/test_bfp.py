@@ -211,17 +211,24 @@ def test_bfp_disabled_gives_plain_fpn_and_config_errors():
     cfg = tiny_cfg(None, "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_bfp_backbone",
                    "MODEL.BFP.ENABLED", True, "MODEL.BFP.REFINE_LEVEL", 5,
                    *RETINA_OPTS)  # fmt: skip
-    with pytest.raises(ValueError, match="REFINE_LEVEL"):
+    with pytest.raises(ValueError, match=r"refine_level must be an integer in \[0, 5\)"):
         build_backbone(cfg)
+    with pytest.raises(ValueError, match=r"^Invalid config MODEL\.BFP\.REFINE_LEVEL = 5: "):
+        eapm.validate_config(cfg)
     cfg = tiny_cfg(
-        None,
+        "quickstart/retinanet.yaml",
         "MODEL.BACKBONE.NAME",
         "build_retinanet_resnet_fpn_backbone",
         "MODEL.BFP.ENABLED",
         True,
     )
-    with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Invalid config MODEL\.BFP\.ENABLED = True: no class of this model reads .*use "
+        r"MODEL\.BACKBONE\.NAME 'build_resnet_fpn_bfp_backbone' or "
+        r"'build_retinanet_resnet_fpn_bfp_backbone'",
+    ):
         eapm.validate_config(cfg)
-    cfg = tiny_cfg(None, "MODEL.BFP.REFINE_TYPE", "attention")
+    cfg = tiny_cfg("quickstart/libra_rcnn.yaml", "MODEL.BFP.REFINE_TYPE", "attention")
     with pytest.raises(ValueError, match="MODEL.BFP.REFINE_TYPE"):
         eapm.validate_config(cfg)

@@ -216,8 +216,14 @@ sess = ort.InferenceSession({onnx_path!r}, providers=["CPUExecutionProvider"])
 onnx_out = sess.run(None, {{"image": image.numpy()}})
 torch.save([[o.numpy() for o in ts_out], onnx_out], {str(tmp_path / "out.pt")!r})
 """
+    # the same thread count as this process: the reference below is bitwise only then
+    threads = torch.get_num_threads()
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env(2)
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(threads),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ts_out, onnx_out = torch.load(tmp_path / "out.pt")

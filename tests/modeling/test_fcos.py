@@ -206,8 +206,9 @@ def test_in_features_the_backbone_lacks_fail_when_built():
 def test_gn_head_needs_two_channels_per_group():
     import eapm
 
-    cfg = tiny_cfg("quickstart/fcos.yaml")  # FPN 32 channels: GN would be instance norm
-    with pytest.raises(ValueError, match=r"MODEL\.FCOS\.HEAD_NORM"):
+    cfg = fcos_cfg()  # GN on 64 channels
+    cfg.MODEL.FPN.OUT_CHANNELS = 32  # GN would be instance norm
+    with pytest.raises(ValueError, match=r"^Invalid config MODEL\.FCOS\.HEAD_NORM = 'GN': "):
         eapm.validate_config(cfg)
     cfg = tiny_cfg("quickstart/fcos.yaml", "MODEL.FCOS.HEAD_NORM", "")
     eapm.validate_config(cfg)

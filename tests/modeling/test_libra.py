@@ -168,7 +168,9 @@ def test_roi_other_loss_types_defer_to_detectron2(storage):
     assert ours.box_reg_loss(*case).item() == theirs.box_reg_loss(*case).item() > 0
     # EAPM regression modulates balanced L1 and detectron2's IoU losses, not smooth L1
     smooth_l1 = dict(args, box_reg_loss_type="smooth_l1")
-    with pytest.raises(ValueError, match="needs one of the box losses .*'balanced_l1', 'giou'"):
+    with pytest.raises(
+        ValueError, match="box_reg_loss_type must be one of .*'balanced_l1', 'giou'"
+    ):
         EAPMFastRCNNOutputLayers(ShapeSpec(channels=8), eapm_reg_theta=1.0, **smooth_l1)
 
 

@@ -183,7 +183,7 @@ def test_eapm_reg_requires_balanced_l1_or_an_iou_loss():
     cfg = tiny_cfg(EAPM_RETINA, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "smooth_l1")
     with pytest.raises(
         ValueError,
-        match=r"BBOX_REG_LOSS_TYPE\), got 'smooth_l1'|needs one of the box losses "
+        match=r"BBOX_REG_LOSS_TYPE\), got 'smooth_l1'|box_reg_loss_type must be one of "
         r"\('balanced_l1', 'giou', 'diou', 'ciou'\)",
     ):
         build_model(cfg)

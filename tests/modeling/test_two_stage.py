@@ -475,8 +475,9 @@ def test_eapm_cls_on_detectron2_roi_heads_is_rejected_naming_the_key():
         _raises(
             path,
             ["MODEL.EAPM.CLS.ENABLED", "True"],
-            r"^Invalid config MODEL\.EAPM\.CLS\.ENABLED = True: MODEL\.ROI_HEADS\.NAME "
-            r"'(Standard|Cascade)ROIHeads' .*no EAPM cross entropy.*'EAPMROIHeads'",
+            r"^Invalid config MODEL\.EAPM\.CLS\.ENABLED = True: no class of this model reads "
+            r"MODEL\.EAPM\.CLS\.ENABLED \(.*MODEL\.ROI_HEADS\.NAME '(Standard|Cascade)ROIHeads'"
+            r".*\): it would train without it; use MODEL\.ROI_HEADS\.NAME .*'EAPM",
         )
     # Libra R-CNN's heads have it
     cfg = eapm.load_config(
@@ -492,13 +493,15 @@ def test_eapm_rpn_needs_an_eapm_rpn_naming_the_key():
     _raises(
         "quickstart/faster_rcnn_eapm_mu1.5.yaml",
         ["MODEL.EAPM.RPN.ENABLED", "True"],
-        r"^Invalid config MODEL\.EAPM\.RPN\.ENABLED = True: MODEL\.PROPOSAL_GENERATOR\.NAME "
-        r"'RPN' .*no EAPM objectness loss.*'EAPMRPN'",
+        r"^Invalid config MODEL\.EAPM\.RPN\.ENABLED = True: no class of this model reads "
+        r"MODEL\.EAPM\.RPN\.ENABLED \(.*MODEL\.PROPOSAL_GENERATOR\.NAME 'RPN'.*\): it would "
+        r"train without it; use MODEL\.PROPOSAL_GENERATOR\.NAME 'EAPMRPN' \(or a subclass\)",
     )
     _raises(
         "quickstart/retinanet.yaml",
         ["MODEL.EAPM.RPN.ENABLED", "True"],
-        r"^Invalid config MODEL\.EAPM\.RPN\.ENABLED = True: .*no proposal generator",
+        r"^Invalid config MODEL\.EAPM\.RPN\.ENABLED = True: no class of this model reads "
+        r"MODEL\.EAPM\.RPN\.ENABLED \(MODEL\.META_ARCHITECTURE 'EAPMRetinaNet'",
     )
     cfg = eapm.load_config(
         os.path.join(CONFIGS, "quickstart/faster_rcnn.yaml"), [str(v) for v in RPN_OPTS]
@@ -509,7 +512,17 @@ def test_eapm_rpn_needs_an_eapm_rpn_naming_the_key():
 @pytest.mark.parametrize(
     "opts,key",
     [
-        (["MODEL.EAPM.RPN.MU", "-1.0"], "MODEL.EAPM.RPN.MU"),
+        (
+            [
+                "MODEL.EAPM.RPN.ENABLED",
+                "True",
+                "MODEL.PROPOSAL_GENERATOR.NAME",
+                "EAPMRPN",
+                "MODEL.EAPM.RPN.MU",
+                "-1.0",
+            ],
+            "MODEL.EAPM.RPN.MU",
+        ),  # fmt: skip
         (["MODEL.EAPM.CLS.MU", "1e999"], "MODEL.EAPM.CLS.MU"),
         (["MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "True"], "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE"),
     ],
@@ -720,12 +733,12 @@ def test_eapm_iou_regression_in_the_roi_heads_configs():
     _raises(
         "quickstart/retinanet.yaml",
         ["MODEL.EAPM.REG.ENABLED", "True"],
-        r"^Invalid config MODEL\.RETINANET\.BBOX_REG_LOSS_TYPE = 'smooth_l1': .*needs one of "
-        r"the box losses \('balanced_l1', 'giou', 'diou', 'ciou'\)",
+        r"^Invalid config MODEL\.RETINANET\.BBOX_REG_LOSS_TYPE = 'smooth_l1': "
+        r".*box_reg_loss_type must be one of \('balanced_l1', 'giou', 'diou', 'ciou'\)",
     )
     _raises(
         path,
         ["MODEL.EAPM.REG.ENABLED", "True"],
-        r"^Invalid config MODEL\.ROI_BOX_HEAD\.BBOX_REG_LOSS_TYPE = 'smooth_l1': .*needs one of "
-        r"the box losses \('balanced_l1', 'giou', 'diou', 'ciou'\)",
+        r"^Invalid config MODEL\.ROI_BOX_HEAD\.BBOX_REG_LOSS_TYPE = 'smooth_l1': "
+        r".*box_reg_loss_type must be one of \('balanced_l1', 'giou', 'diou', 'ciou'\)",
     )

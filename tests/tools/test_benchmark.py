@@ -167,7 +167,9 @@ def test_reporter_values_prints_ratios_notes_values(capsys):
 # ----------------------------------------------------------------------------
 # the command line and the sections
 # ----------------------------------------------------------------------------
-SECTION_NAMES = ("focal", "box", "step", "sampler", "bfp", "ghm", "resume", "recipe", "train")
+SECTION_NAMES = (
+    "focal", "box", "step", "sampler", "bfp", "ghm", "guards", "resume", "recipe", "train"
+)  # fmt: skip
 
 
 def test_benchmark_help_lists_the_sections_in_run_order():

@@ -38,14 +38,18 @@ def test_config_by_path_by_name_and_absolute():
     assert model_zoo.get_config_file(quick) == quick
 
 
-def test_ambiguous_and_unknown_names():
+def test_ambiguous_and_unknown_names(tmp_path, monkeypatch):
+    for folder in ("A", "B"):  # the repository's configs have unique names: make two
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same.yaml").write_text("MODEL:\n  DEVICE: cpu\n")
+    monkeypatch.setattr(model_zoo, "CONFIGS_DIR", str(tmp_path))
     with pytest.raises(ValueError) as e:
-        model_zoo.get_config_file("mask_rcnn_R_50_FPN_1x.yaml")
+        model_zoo.get_config_file("same.yaml")
     assert str(e.value) == (
-        f"config name 'mask_rcnn_R_50_FPN_1x.yaml' is ambiguous: 2 configs in {CONFIGS} have it "
-        "(COCO-Detection/mask_rcnn_R_50_FPN_1x.yaml, "
-        "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml); name one with its folder"
+        f"config name 'same.yaml' is ambiguous: 2 configs in {tmp_path} have it "
+        "(A/same.yaml, B/same.yaml); name one with its folder"
     )
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match=r"'nope.yaml' is not among the EAPM configs in "):
         model_zoo.get_config_file("nope.yaml")
     with pytest.raises(FileNotFoundError, match=r"'quickstart/nope.py' is not among the EAPM"):

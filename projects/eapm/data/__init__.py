@@ -1,6 +1,7 @@
 from .register import (  # noqa: F401
     EMBEDDED_NAMES,
     check_category_counts,
+    check_data_config,
     register_coco_json,
     register_embedded,
     register_from_config,

@@ -29,6 +29,7 @@ __all__ = [
     "register_from_config",
     "require_trainable",
     "check_category_counts",
+    "check_data_config",
     "EMBEDDED_NAMES",
 ]
 
@@ -241,3 +242,33 @@ def check_category_counts(names, classes) -> None:
                     f"Dataset '{name}' has {n} categories, fewer than the model's {k} classes "
                     f"({key} = {k}); the other classes never see an example"
                 )
+
+
+def check_data_config(cfg) -> None:
+    """The rules of the dataset and loader keys this package uses (DATASETS.CHECK_IMAGES,
+    CHECK_WORKERS, COCO_JSON; DATALOADER.EXACT_RESUME with SAMPLER_TRAIN), applied when the
+    config is loaded: ``ValueError`` naming the key."""
+    from ..config import invalid
+
+    d = cfg.DATASETS
+    if d.CHECK_IMAGES not in LEVELS:
+        raise invalid("DATASETS.CHECK_IMAGES", d.CHECK_IMAGES, f"must be one of {tuple(LEVELS)}")
+    w = d.CHECK_WORKERS
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise invalid("DATASETS.CHECK_WORKERS", w, "must be an integer >= 0")
+    for i, entry in enumerate(d.COCO_JSON):
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 3
+        if not (ok and all(isinstance(x, str) for x in entry)):
+            raise invalid(
+                f"DATASETS.COCO_JSON[{i}]",
+                entry,
+                "each entry must be [name, json_file, image_root]",
+            )
+    sampler = cfg.DATALOADER.SAMPLER_TRAIN
+    if cfg.DATALOADER.EXACT_RESUME and sampler != "TrainingSampler":
+        raise invalid(
+            "DATALOADER.SAMPLER_TRAIN",
+            sampler,
+            "DATALOADER.EXACT_RESUME True implements 'TrainingSampler' only (set EXACT_RESUME "
+            "False for detectron2's other samplers)",
+        )

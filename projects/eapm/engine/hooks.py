@@ -64,6 +64,23 @@ def preemption_signals(names: Sequence[str]) -> list:
     return ret
 
 
+def check_preemption_config(cfg) -> None:
+    """The rules of SOLVER.PREEMPTION (the signals, ``preemption_signals``; the exit code an
+    integer in [1, 255]), applied when the config is loaded: ``ValueError`` naming the key."""
+    from ..config import invalid
+
+    p = cfg.SOLVER.PREEMPTION
+    if not isinstance(p.SIGNALS, (list, tuple)):
+        raise invalid("SOLVER.PREEMPTION.SIGNALS", p.SIGNALS, "must be a list of signal names")
+    try:
+        preemption_signals(p.SIGNALS)
+    except ValueError as e:
+        raise invalid("SOLVER.PREEMPTION.SIGNALS", p.SIGNALS, str(e)) from None
+    code = p.EXIT_CODE
+    if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
+        raise invalid("SOLVER.PREEMPTION.EXIT_CODE", code, "must be an integer in [1, 255]")
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 

@@ -18,6 +18,8 @@ both optimizers (SOLVER.OPTIMIZER "SGD": detectron2's; "ADAMW"). LazyConfig: the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from detectron2.solver import build_optimizer as _d2_build_optimizer
 from detectron2.solver import get_default_optimizer_params
@@ -73,8 +75,30 @@ def clip_kwargs(cfg) -> dict:
     )
 
 
-# the optimizers of SOLVER.OPTIMIZER (build_optimizer; the config validation asks this tuple)
+# the optimizers of SOLVER.OPTIMIZER (build_optimizer)
 OPTIMIZERS = ("SGD", "ADAMW")
+
+
+def check_solver_config(cfg) -> None:
+    """The rules of the solver keys this module uses (SOLVER.OPTIMIZER, SOLVER.CLIP_GRADIENTS),
+    applied when the config is loaded: ``ValueError`` naming the key."""
+    from ..config import invalid
+
+    if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
+        raise invalid("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, f"must be one of {OPTIMIZERS}")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return
+    if clip.CLIP_TYPE not in CLIP_TYPES:
+        raise invalid(
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+            clip.CLIP_TYPE,
+            f'must be one of {CLIP_TYPES} ("full_model": one norm over all parameters, as '
+            'mmdetection; "norm": detectron2\'s norm of each parameter tensor)',
+        )
+    v = clip.CLIP_VALUE
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+        raise invalid("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", v, "must be a finite number > 0")
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

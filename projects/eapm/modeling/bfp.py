@@ -27,9 +27,7 @@ Registered builders (``MODEL.BACKBONE.NAME``):
 
 Both read ``MODEL.BFP.{ENABLED, REFINE_LEVEL, REFINE_TYPE}`` (``add_bfp``); with
 ``ENABLED: False`` they return the plain FPN (an ablation switch). ``add_bfp(cfg, fpn)``
-wraps any other FPN-like backbone. The builders carry two attributes the config validation
-asks for: ``reads_bfp_config`` (True: MODEL.BFP.ENABLED is honoured) and ``config_checks``
-(the rules of the MODEL.BFP keys, see ``eapm.capabilities.DeclaresConfigChecks``).
+wraps any other FPN-like backbone.
 """
 
 from __future__ import annotations
@@ -47,11 +45,8 @@ from detectron2.modeling.backbone.fpn import (
 )
 from torch import nn
 
-from .keys import IntAtLeast
-
 __all__ = [
     "check_refine_type",
-    "bfp_config_checks",
     "NonLocalBlock2d",
     "BalancedFeaturePyramid",
     "add_bfp",
@@ -157,10 +152,10 @@ class BalancedFeaturePyramid(Backbone):
         if len(channels) != 1:
             raise ValueError(f"BFP needs levels of one channel count, got {channels}")
         num_levels = len(self.in_features)
-        if not 0 <= refine_level < num_levels:
+        if not (isinstance(refine_level, int) and 0 <= refine_level < num_levels):
             raise ValueError(
-                f"refine_level (MODEL.BFP.REFINE_LEVEL) = {refine_level} is out of range for the "
-                f"{num_levels} levels {self.in_features}"
+                f"refine_level must be an integer in [0, {num_levels}) (the levels "
+                f"{self.in_features}), got {refine_level!r}"
             )
         self.refine_level = refine_level
         self.refine_type = check_refine_type(refine_type)
@@ -223,36 +218,16 @@ def add_bfp(cfg, fpn: Backbone) -> Backbone:
     if not b.ENABLED:
         logging.getLogger(__name__).info("MODEL.BFP.ENABLED is False: plain FPN, no BFP")
         return fpn
-    return BalancedFeaturePyramid(fpn, refine_level=int(b.REFINE_LEVEL), refine_type=b.REFINE_TYPE)
-
-
-def bfp_config_checks():
-    """The rules of the MODEL.BFP keys (``BalancedFeaturePyramid`` checks the refine level
-    against the FPN's levels when built)."""
-    return {
-        "MODEL.BFP.REFINE_TYPE": check_refine_type,
-        "MODEL.BFP.REFINE_LEVEL": IntAtLeast("refine_level", 0),
-    }
-
-
-def _reads_bfp_config(builder):
-    """Marks a backbone builder that honours MODEL.BFP.* (the config validation asks the
-    registered builder for ``reads_bfp_config`` before MODEL.BFP.ENABLED is accepted, and
-    runs its ``config_checks``)."""
-    builder.reads_bfp_config = True
-    builder.config_checks = bfp_config_checks
-    return builder
+    return BalancedFeaturePyramid(fpn, refine_level=b.REFINE_LEVEL, refine_type=b.REFINE_TYPE)
 
 
 @BACKBONE_REGISTRY.register()
-@_reads_bfp_config
 def build_resnet_fpn_bfp_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet FPN (P2-P6, as Faster R-CNN) followed by a BFP (Libra R-CNN)."""
     return add_bfp(cfg, build_resnet_fpn_backbone(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()
-@_reads_bfp_config
 def build_retinanet_resnet_fpn_bfp_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's RetinaNet ResNet FPN (P3-P7) followed by a BFP (Libra RetinaNet)."""
     return add_bfp(cfg, build_retinanet_resnet_fpn_backbone(cfg, input_shape))

@@ -33,11 +33,25 @@ __all__ = [
     "eapm_iou_box_loss",
     "put_reg_stats",
     "IOU_BOX_LOSSES",
+    "EAPM_BOX_LOSSES",
+    "check_eapm_box_loss",
 ]
 
 # detectron2's IoU box losses (on boxes decoded from the deltas): EAPM regression modulates
 # their deltas before decoding (``eapm_iou_box_loss``)
 IOU_BOX_LOSSES = ("giou", "diou", "ciou")
+# the box losses EAPM regression modulates: balanced L1 (the paper's) and the IoU losses
+EAPM_BOX_LOSSES = ("balanced_l1",) + IOU_BOX_LOSSES
+
+
+def check_eapm_box_loss(box_reg_loss_type: str, eapm_reg_theta: float) -> None:
+    """Raise ``ValueError`` if EAPM regression (``eapm_reg_theta > 0``) is asked of a box
+    loss it cannot modulate (not in ``EAPM_BOX_LOSSES``)."""
+    if eapm_reg_theta > 0 and box_reg_loss_type not in EAPM_BOX_LOSSES:
+        raise ValueError(
+            f"box_reg_loss_type must be one of {EAPM_BOX_LOSSES} for EAPM regression "
+            f"(MODEL.EAPM.REG.ENABLED, theta {eapm_reg_theta}), got {box_reg_loss_type!r}"
+        )
 
 
 def dense_loss_normalizer(model, num_pos: int, mode: str, initial: float = 100.0) -> float:

@@ -27,15 +27,10 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
 
-from ..capabilities import DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal
 from ..upstream import adapted_from
 from .backbone import fpn_from_config
 from .common import dense_focal_loss_sum, dense_loss_normalizer, weighted_loss
 from .keys import (
-    CLS_LOSS_WEIGHT_CHECKS,
-    EAPM_CLS_CHECKS,
-    KERNEL_CHECKS,
-    LOSS_NORMALIZER_CHECKS,
     IntAtLeast,
     NonEmptyList,
     NumberIn,
@@ -59,25 +54,32 @@ check_fcos_box_loss = OneOf("box_loss_type", FCOS_BOX_LOSSES)
 # the head towers' norms accepted (names detectron2's get_norm knows)
 FCOS_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN", "LN")
 
-# MODEL.FCOS.*: the constructor checks box_loss_type (above); detectron2's FCOS and FCOSHead
-# check none of the others, so these rules are applied where the config is loaded
-FCOS_KEY_CHECKS = {
-    "MODEL.FCOS.BOX_LOSS_TYPE": check_fcos_box_loss,
-    "MODEL.FCOS.NUM_CLASSES": IntAtLeast("num_classes", 1),
-    "MODEL.FCOS.NUM_CONVS": IntAtLeast("num_convs", 1),
-    "MODEL.FCOS.TOPK_CANDIDATES_TEST": IntAtLeast("test_topk_candidates", 1),
-    "MODEL.FCOS.IN_FEATURES": NonEmptyList("head_in_features"),
-    "MODEL.FCOS.CENTER_SAMPLING_RADIUS": NumberIn(
-        "center_sampling_radius", 0, math.inf, True, True
-    ),
-    "MODEL.FCOS.PRIOR_PROB": NumberIn("prior_prob", 0, 1, True, True),
-    "MODEL.FCOS.SCORE_THRESH_TEST": NumberIn("test_score_thresh", 0, 1, False, True),
-    "MODEL.FCOS.NMS_THRESH_TEST": NumberIn("test_nms_thresh", 0, 1, True, False),
+# detectron2's FCOS and FCOSHead check none of their arguments: EAPMFCOS applies these rules
+# (the constructor to its arguments, from_config to what it builds the head from)
+FCOS_ARG_CHECKS = {
+    "num_classes": IntAtLeast("num_classes", 1),
+    "test_topk_candidates": IntAtLeast("test_topk_candidates", 1),
+    "head_in_features": NonEmptyList("head_in_features"),
+    "center_sampling_radius": NumberIn("center_sampling_radius", 0, math.inf, True, True),
+    "test_score_thresh": NumberIn("test_score_thresh", 0, 1, False, True),
+    "test_nms_thresh": NumberIn("test_nms_thresh", 0, 1, True, False),
     # < 0 disables the alpha weighting (as fvcore)
-    "MODEL.FCOS.FOCAL_LOSS_ALPHA": NumberIn("focal_loss_alpha", -math.inf, 1, True, False),
-    "MODEL.FCOS.FOCAL_LOSS_GAMMA": NumberIn("focal_loss_gamma", 0, math.inf, False, True),
-    "MODEL.FCOS.HEAD_NORM": OneOf("norm", FCOS_HEAD_NORMS),
+    "focal_loss_alpha": NumberIn("focal_loss_alpha", -math.inf, 1, True, False),
+    "focal_loss_gamma": NumberIn("focal_loss_gamma", 0, math.inf, False, True),
 }
+check_num_convs = IntAtLeast("num_convs", 1)
+check_prior_prob = NumberIn("prior_prob", 0, 1, True, True)
+check_head_norm = OneOf("head_norm", FCOS_HEAD_NORMS)
+
+
+def check_gn_channels(norm: str, channels: int) -> None:
+    """GroupNorm's 32 groups need at least 2 channels each (``ValueError``)."""
+    if norm == "GN" and not (channels % 32 == 0 and channels >= 64):
+        raise ValueError(
+            f"head_norm 'GN' (32 groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= "
+            f"64, got {channels} (with 32 channels each group holds one channel, which fails on "
+            "the 1x1 P7 maps of small images); use HEAD_NORM ''"
+        )
 
 
 @BACKBONE_REGISTRY.register()
@@ -90,7 +92,7 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape):
 
 
 @META_ARCH_REGISTRY.register()
-class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
+class EAPMFCOS(FCOS):
     """detectron2's FCOS whose classification loss can be EAPM focal loss.
 
     Extra args (besides FCOS's), checked here (``ValueError``):
@@ -107,12 +109,11 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
     ``from_config`` reads ``MODEL.FCOS.*`` (building the backbone and detectron2's
     ``FCOSHead``), ``MODEL.EAPM.CLS.*``, ``MODEL.EAPM.HISTOGRAM_PERIOD`` / ``COMPILE``,
     ``MODEL.LOSS_NORMALIZER.TYPE`` and ``MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT``;
-    ``config_checks()`` names the rule of each.
-    ``check_head_norm``: a GN head needs ``MODEL.FPN.OUT_CHANNELS`` a multiple of 32 and
-    >= 64 (checked where the config is loaded).
+    detectron2's FCOS checks none of its arguments: the constructor checks them
+    (``FCOS_ARG_CHECKS``), ``from_config`` what it builds the head from (``NUM_CONVS``,
+    ``PRIOR_PROB``, ``HEAD_NORM``; a GN head needs ``MODEL.FPN.OUT_CHANNELS`` a multiple of
+    32 and >= 64).
     """
-
-    head_norm_key = "MODEL.FCOS.HEAD_NORM"
 
     @configurable
     def __init__(
@@ -126,6 +127,9 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         cls_loss_weight: float = 1.0,
         **kwargs,
     ):
+        for name, check in FCOS_ARG_CHECKS.items():
+            if name in kwargs:
+                check(kwargs[name])
         super().__init__(**kwargs)
         self.box_loss_type = check_fcos_box_loss(box_loss_type)
         self.eapm_cls_mu = check_eapm_cls_mu(eapm_cls_mu)
@@ -135,28 +139,9 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
         self.cls_loss_weight = float(check_cls_loss_weight(cls_loss_weight))
 
     @classmethod
-    def config_checks(cls):
-        return {
-            **EAPM_CLS_CHECKS,
-            **KERNEL_CHECKS,
-            **LOSS_NORMALIZER_CHECKS,
-            **CLS_LOSS_WEIGHT_CHECKS,
-            **FCOS_KEY_CHECKS,
-        }
-
-    @classmethod
-    def check_head_norm(cls, norm: str, channels: int) -> None:
-        """GroupNorm's 32 groups need at least 2 channels each (``ValueError``)."""
-        if norm == "GN" and not (channels % 32 == 0 and channels >= 64):
-            raise ValueError(
-                f"'GN' (32 groups) needs MODEL.FPN.OUT_CHANNELS a multiple of 32 and >= 64, got "
-                f"{channels} (with 32 channels each group holds one channel, which fails on the "
-                "1x1 P7 maps of small images); use HEAD_NORM ''"
-            )
-
-    @classmethod
     def from_config(cls, cfg):
         fc = cfg.MODEL.FCOS
+        FCOS_ARG_CHECKS["head_in_features"](list(fc.IN_FEATURES))
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         missing = [f for f in fc.IN_FEATURES if f not in shapes]
@@ -167,6 +152,10 @@ class EAPMFCOS(DeclaresConfigChecks, DenseHeadNorm, SupportsEAPMFocal, FCOS):
                 "'build_fcos_resnet_fpn_backbone'"
             )
         feature_shapes = [shapes[f] for f in fc.IN_FEATURES]
+        check_num_convs(fc.NUM_CONVS)
+        check_prior_prob(fc.PRIOR_PROB)
+        check_head_norm(fc.HEAD_NORM)
+        check_gn_channels(fc.HEAD_NORM, feature_shapes[0].channels)
         head = FCOSHead(
             input_shape=feature_shapes,
             num_classes=fc.NUM_CLASSES,

@@ -1,14 +1,12 @@
-"""The config keys several EAPM modules read: how ``from_config`` reads them, and the rules
-about their values.
+"""The config keys several EAPM modules read (how ``from_config`` reads them) and the rules
+about their values that several constructors share.
 
-Each EAPM class reads its own keys in its ``from_config`` (as detectron2's classes do) and
-declares, in ``config_checks()`` (``eapm.capabilities.DeclaresConfigChecks``), the rule of
-each key it reads. The rules about values that several classes share live here, once; a
-rule about a value only one class reads lives in that class's module. A rule is a callable
-``check(value)`` that raises ``ValueError`` naming the constructor argument (the config
-validation re-raises it naming the key) and returns the value; the checkers below are
-frozen dataclasses, so equal rules compare equal and the validation runs each
-``(key, rule)`` pair once however many classes declare it.
+Each EAPM class reads its own keys in its ``from_config`` (as detectron2's classes do): a
+class honours a key if and only if it reads it. A rule about a value lives once: here when
+several classes share it, else in the module of the one class that uses it, and the
+constructor applies it to its argument. A rule is a callable ``check(value)`` that returns
+the value or raises ``ValueError`` naming the argument (``eapm.validation`` maps the
+argument back to the key it was read from).
 
 A disabled EAPM switch gives strength 0.0: 0 is the one way to say "off".
 """
@@ -16,18 +14,17 @@ A disabled EAPM switch gives strength 0.0: 0 is the one way to say "off".
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict, Tuple
 
-from ..losses import check_balanced_l1_params, check_eapm_param
+from ..losses import check_eapm_param
 
 __all__ = [
     "OneOf",
     "IntAtLeast",
     "NumberIn",
-    "IsBool",
     "NonEmptyList",
-    "ArgOf",
     "LOSS_NORMALIZERS",
     "BOX_REG_LOSSES",
     "check_loss_normalizer",
@@ -36,13 +33,6 @@ __all__ = [
     "check_eapm_cls_mu",
     "check_eapm_reg_theta",
     "check_eapm_rpn_mu",
-    "EAPM_CLS_CHECKS",
-    "EAPM_RPN_CHECKS",
-    "EAPM_REG_CHECKS",
-    "KERNEL_CHECKS",
-    "BALANCED_L1_CHECKS",
-    "LOSS_NORMALIZER_CHECKS",
-    "CLS_LOSS_WEIGHT_CHECKS",
     "eapm_cls_mu_from_config",
     "eapm_reg_theta_from_config",
     "eapm_rpn_mu_from_config",
@@ -115,18 +105,6 @@ class NumberIn:
 
 
 @dataclass(frozen=True)
-class IsBool:
-    """``name`` must be True or False."""
-
-    name: str
-
-    def __call__(self, value):
-        if not isinstance(value, bool):
-            raise ValueError(f"{self.name} must be True or False, got {value!r}")
-        return value
-
-
-@dataclass(frozen=True)
 class NonEmptyList:
     """``name`` must be a non-empty list (or tuple) of strings."""
 
@@ -134,24 +112,12 @@ class NonEmptyList:
 
     def __call__(self, value):
         if not (
-            isinstance(value, (list, tuple))
+            isinstance(value, Sequence)
+            and not isinstance(value, str)
             and len(value) > 0
             and all(isinstance(v, str) for v in value)
         ):
             raise ValueError(f"{self.name} must be a non-empty list of names, got {value!r}")
-        return value
-
-
-@dataclass(frozen=True)
-class ArgOf:
-    """One argument of a check function of several keyword arguments (``check(arg=value)``,
-    e.g. ``eapm.losses.check_balanced_l1_params``)."""
-
-    check: Callable[..., Any]
-    arg: str
-
-    def __call__(self, value):
-        self.check(**{self.arg: value})
         return value
 
 
@@ -182,24 +148,6 @@ def check_eapm_reg_theta(value) -> float:
 def check_eapm_rpn_mu(value) -> float:
     """mu of the RPN's EAPM binary cross entropy: a finite number >= 0 (returned as a float)."""
     return check_eapm_param(value, "eapm_rpn_mu")
-
-
-# the keys' declarations (merged into the classes' config_checks)
-EAPM_CLS_CHECKS: Dict[str, Callable] = {"MODEL.EAPM.CLS.MU": check_eapm_cls_mu}
-EAPM_REG_CHECKS: Dict[str, Callable] = {"MODEL.EAPM.REG.THETA": check_eapm_reg_theta}
-EAPM_RPN_CHECKS: Dict[str, Callable] = {"MODEL.EAPM.RPN.MU": check_eapm_rpn_mu}
-KERNEL_CHECKS: Dict[str, Callable] = {
-    "MODEL.EAPM.HISTOGRAM_PERIOD": check_histogram_period,
-    "MODEL.EAPM.COMPILE": IsBool("compile_kernels"),
-}
-BALANCED_L1_CHECKS: Dict[str, Callable] = {
-    f"MODEL.BALANCED_L1.{k}": ArgOf(check_balanced_l1_params, k.lower())
-    for k in ("ALPHA", "GAMMA", "BETA")
-}
-LOSS_NORMALIZER_CHECKS: Dict[str, Callable] = {"MODEL.LOSS_NORMALIZER.TYPE": check_loss_normalizer}
-CLS_LOSS_WEIGHT_CHECKS: Dict[str, Callable] = {
-    "MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT": check_cls_loss_weight
-}
 
 
 # ---------------------------------------------------------------------------

@@ -18,18 +18,11 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import get_event_storage
 
-from ..capabilities import (
-    DeclaresConfigChecks,
-    DenseHeadNorm,
-    SupportsEAPMBalancedL1,
-    SupportsEAPMFocal,
-    SupportsGHM,
-)
 from ..losses import GHMC, GHMR, check_balanced_l1_params, check_ghm_params
 from ..upstream import adapted_from
 from .common import (
-    IOU_BOX_LOSSES,
     box_reg_balanced_l1,
+    check_eapm_box_loss,
     dense_focal_loss_sum,
     dense_loss_normalizer,
     eapm_iou_box_loss,
@@ -37,15 +30,7 @@ from .common import (
     weighted_loss,
 )
 from .keys import (
-    BALANCED_L1_CHECKS,
     BOX_REG_LOSSES,
-    CLS_LOSS_WEIGHT_CHECKS,
-    EAPM_CLS_CHECKS,
-    EAPM_REG_CHECKS,
-    KERNEL_CHECKS,
-    LOSS_NORMALIZER_CHECKS,
-    ArgOf,
-    IsBool,
     OneOf,
     balanced_l1_from_config,
     check_cls_loss_weight,
@@ -65,36 +50,30 @@ __all__ = ["EAPMRetinaNet", "RETINANET_BOX_REG_LOSSES"]
 RETINANET_BOX_REG_LOSSES = BOX_REG_LOSSES + ("ghm_r",)
 check_retinanet_box_loss = OneOf("box_reg_loss_type", RETINANET_BOX_REG_LOSSES)
 
-# MODEL.GHM.*: GHM-C's and GHM-R's parameters (eapm.losses owns their rules) and switches
-GHM_CHECKS = {
-    **{
-        f"MODEL.GHM.CLS.{key}": ArgOf(check_ghm_params, arg)
-        for key, arg in (("BINS", "bins"), ("MOMENTUM", "momentum"), ("LOSS_WEIGHT", "loss_weight"))
-    },
-    **{
-        f"MODEL.GHM.REG.{key}": ArgOf(check_ghm_params, arg)
-        for key, arg in (
-            ("BINS", "bins"),
-            ("MOMENTUM", "momentum"),
-            ("LOSS_WEIGHT", "loss_weight"),
-            ("MU", "mu"),
+
+def _check_ghm(prefix: str, **params) -> None:
+    """``eapm.losses.check_ghm_params`` of each parameter, its error prefixed with the
+    argument's full name (``ghm_cls_bins: ...``)."""
+    for name, value in params.items():
+        try:
+            check_ghm_params(**{name: value})
+        except ValueError as e:
+            raise ValueError(f"{prefix}_{name}: {e}") from None
+
+
+def check_ghm_cls(ghm_cls: bool, eapm_cls_mu: float) -> None:
+    """Raise ``ValueError`` if GHM-C (``ghm_cls`` True) is asked together with EAPM focal
+    loss (``eapm_cls_mu > 0``): GHM-C replaces the focal loss that EAPM modulates."""
+    if ghm_cls and eapm_cls_mu > 0:
+        raise ValueError(
+            "GHM-C (ghm_cls, MODEL.GHM.CLS.ENABLED) replaces the focal loss that EAPM "
+            "modulates: it needs eapm_cls_mu 0 (MODEL.EAPM.CLS.ENABLED False), got "
+            f"{eapm_cls_mu}"
         )
-    },
-    "MODEL.GHM.CLS.ENABLED": IsBool("ghm_cls"),
-    "MODEL.GHM.ALL_REDUCE": IsBool("ghm_all_reduce"),
-    "MODEL.GHM.PER_LEVEL": IsBool("ghm_per_level"),
-}
 
 
 @META_ARCH_REGISTRY.register()
-class EAPMRetinaNet(
-    DeclaresConfigChecks,
-    DenseHeadNorm,
-    SupportsEAPMFocal,
-    SupportsEAPMBalancedL1,
-    SupportsGHM,
-    RetinaNet,
-):
+class EAPMRetinaNet(RetinaNet):
     """RetinaNet whose classification loss can be EAPM focal loss or GHM-C and whose
     regression loss can be (EAPM) balanced L1 or GHM-R, besides detectron2's own choices.
 
@@ -130,13 +109,8 @@ class EAPMRetinaNet(
 
     ``from_config`` reads ``MODEL.EAPM.*``, ``MODEL.BALANCED_L1.*``, ``MODEL.GHM.*``,
     ``MODEL.LOSS_NORMALIZER.TYPE`` and ``MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT`` besides
-    RetinaNet's keys; ``config_checks()`` names the rule of each (the constructor's own
-    checks, see ``eapm.capabilities``).
+    RetinaNet's keys (reading a key is what honouring it means: ``eapm.validation``).
     """
-
-    box_loss_key = "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
-    eapm_box_losses = ("balanced_l1",) + IOU_BOX_LOSSES
-    head_norm_key = "MODEL.RETINANET.NORM"
 
     @configurable
     def __init__(
@@ -161,24 +135,26 @@ class EAPMRetinaNet(
         self.eapm_cls_mu = check_eapm_cls_mu(eapm_cls_mu)
         self.eapm_reg_theta = check_eapm_reg_theta(eapm_reg_theta)
         check_retinanet_box_loss(self.box_reg_loss_type)
-        self.check_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
+        check_eapm_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
         check_balanced_l1_params(*balanced_l1)
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
         self.histogram_period = check_histogram_period(histogram_period)
         self.compile_kernels = bool(compile_kernels)
-        check_ghm_params(loss_weight=ghm_cls_loss_weight)
-        check_ghm_params(loss_weight=ghm_reg_loss_weight)
+        _check_ghm("ghm_cls", loss_weight=ghm_cls_loss_weight)
+        _check_ghm("ghm_reg", loss_weight=ghm_reg_loss_weight)
         self.ghm_cls_loss_weight = float(ghm_cls_loss_weight)
         self.ghm_reg_loss_weight = float(ghm_reg_loss_weight)
         self.ghm_per_level = bool(ghm_per_level)
         self.cls_loss_weight = float(check_cls_loss_weight(cls_loss_weight))
-        self.check_ghm_cls(ghm_cls is not None, self.eapm_cls_mu)
+        check_ghm_cls(ghm_cls is not None, self.eapm_cls_mu)
         self.ghm_cls = None
         if ghm_cls is not None:
+            _check_ghm("ghm_cls", **ghm_cls)
             self.ghm_cls = GHMC(**ghm_cls, all_reduce=ghm_all_reduce)
         self.ghm_reg = None
         if self.box_reg_loss_type == "ghm_r":
+            _check_ghm("ghm_reg", **(ghm_reg or {}))
             self.ghm_reg = GHMR(**(ghm_reg or {}), all_reduce=ghm_all_reduce)
 
     @classmethod
@@ -207,19 +183,6 @@ class EAPMRetinaNet(
             **kernel_args_from_config(cfg),
         )
         return ret
-
-    @classmethod
-    def config_checks(cls):
-        return {
-            **EAPM_CLS_CHECKS,
-            **EAPM_REG_CHECKS,
-            **KERNEL_CHECKS,
-            **BALANCED_L1_CHECKS,
-            **LOSS_NORMALIZER_CHECKS,
-            **CLS_LOSS_WEIGHT_CHECKS,
-            cls.box_loss_key: check_retinanet_box_loss,
-            **GHM_CHECKS,
-        }
 
     @adapted_from(
         RetinaNet.losses,

@@ -52,7 +52,6 @@ from detectron2.modeling.roi_heads import ROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils.events import get_event_storage
 
-from ..capabilities import DeclaresConfigChecks, SupportsEAPMBalancedL1, SupportsEAPMSoftmaxCE
 from ..losses import (
     check_balanced_l1_params,
     eapm_ce_stats,
@@ -61,13 +60,9 @@ from ..losses import (
     modulating_factor,
 )
 from ..upstream import adapted_from
-from .common import IOU_BOX_LOSSES, box_reg_balanced_l1, eapm_iou_box_loss
+from .common import IOU_BOX_LOSSES, box_reg_balanced_l1, check_eapm_box_loss, eapm_iou_box_loss
 from .keys import (
-    BALANCED_L1_CHECKS,
     BOX_REG_LOSSES,
-    EAPM_CLS_CHECKS,
-    EAPM_REG_CHECKS,
-    KERNEL_CHECKS,
     IntAtLeast,
     NumberIn,
     OneOf,
@@ -97,9 +92,17 @@ check_iou_balanced_floor_fraction = NumberIn("iou_balanced_floor_fraction", 0, 1
 check_iou_balanced_floor_thresh = NumberIn("iou_balanced_floor_thresh", -math.inf, 1)
 
 
-class EAPMFastRCNNOutputLayers(
-    DeclaresConfigChecks, SupportsEAPMSoftmaxCE, SupportsEAPMBalancedL1, FastRCNNOutputLayers
-):
+def check_softmax_cls(use_sigmoid_ce: bool, eapm_cls_mu: float) -> None:
+    """Raise ``ValueError`` if EAPM cross entropy (``eapm_cls_mu > 0``) is asked of a box
+    predictor whose classification is per-class sigmoid: EAPM modulates the softmax."""
+    if use_sigmoid_ce and eapm_cls_mu > 0:
+        raise ValueError(
+            "use_sigmoid_ce must be False for EAPM cross entropy (MODEL.EAPM.CLS.ENABLED, mu "
+            f"{eapm_cls_mu}), which modulates the softmax classification, got True"
+        )
+
+
+class EAPMFastRCNNOutputLayers(FastRCNNOutputLayers):
     """``FastRCNNOutputLayers`` + EAPM cross entropy for the classification and the (EAPM)
     balanced L1 box regression loss.
 
@@ -120,9 +123,6 @@ class EAPMFastRCNNOutputLayers(
     and ``MODEL.EAPM.HISTOGRAM_PERIOD`` / ``COMPILE`` besides detectron2's keys.
     """
 
-    box_loss_key = "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"
-    eapm_box_losses = ("balanced_l1",) + IOU_BOX_LOSSES
-
     @configurable
     def __init__(
         self,
@@ -138,10 +138,10 @@ class EAPMFastRCNNOutputLayers(
     ):
         super().__init__(input_shape, **kwargs)
         self.eapm_cls_mu = check_eapm_cls_mu(eapm_cls_mu)
-        self.check_cls_loss(self.use_sigmoid_ce, self.eapm_cls_mu)
+        check_softmax_cls(self.use_sigmoid_ce, self.eapm_cls_mu)
         self.eapm_reg_theta = check_eapm_reg_theta(eapm_reg_theta)
         check_box_reg_loss_type(self.box_reg_loss_type)
-        self.check_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
+        check_eapm_box_loss(self.box_reg_loss_type, self.eapm_reg_theta)
         if self.box_reg_loss_type == "balanced_l1" and len(self.box2box_transform.weights) != 4:
             raise ValueError("the balanced L1 box loss supports axis-aligned boxes (4 deltas) only")
         if self.eapm_reg_theta > 0 and len(self.box2box_transform.weights) != 4:
@@ -164,16 +164,6 @@ class EAPMFastRCNNOutputLayers(
             **kernel_args_from_config(cfg),
         )
         return ret
-
-    @classmethod
-    def config_checks(cls):
-        return {
-            **EAPM_CLS_CHECKS,
-            **EAPM_REG_CHECKS,
-            **KERNEL_CHECKS,
-            **BALANCED_L1_CHECKS,
-            cls.box_loss_key: check_box_reg_loss_type,
-        }
 
     # ------------------------------------------------------------ diagnostics
     def _scope(self):
@@ -343,18 +333,11 @@ def require_predictor(predictor, cls, where: str) -> None:
         )
 
 
-class EAPMBoxPredictorHeads(DeclaresConfigChecks, SupportsEAPMSoftmaxCE, SupportsEAPMBalancedL1):
+class EAPMBoxPredictorHeads:
     """Mixin of the ROI heads whose box predictors are ``box_predictor_class``
-    (``EAPMFastRCNNOutputLayers``): their EAPM capabilities, box-loss key and config rules
-    are the predictor's."""
+    (``EAPMFastRCNNOutputLayers``): the predictor reads the EAPM keys and owns the losses."""
 
-    box_loss_key = EAPMFastRCNNOutputLayers.box_loss_key
-    eapm_box_losses = EAPMFastRCNNOutputLayers.eapm_box_losses
     box_predictor_class = EAPMFastRCNNOutputLayers
-
-    @classmethod
-    def config_checks(cls):
-        return cls.box_predictor_class.config_checks()
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -416,8 +399,7 @@ class LibraROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
 
     The losses are ``EAPMFastRCNNOutputLayers``'s (EAPM cross entropy, balanced L1, EAPM
     regression).
-    ``from_config`` reads ``MODEL.ROI_HEADS.IOU_BALANCED_*`` / ``INSTANCE_BALANCED_POS``;
-    ``config_checks()`` declares their rules and the box predictor's.
+    ``from_config`` reads ``MODEL.ROI_HEADS.IOU_BALANCED_*`` / ``INSTANCE_BALANCED_POS``.
     """
 
     @configurable
@@ -452,15 +434,6 @@ class LibraROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
             instance_balanced_pos=bool(rh.INSTANCE_BALANCED_POS),
         )
         return ret
-
-    @classmethod
-    def config_checks(cls):
-        return {
-            "MODEL.ROI_HEADS.IOU_BALANCED_NUM_BINS": check_iou_balanced_num_bins,
-            "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_FRACTION": check_iou_balanced_floor_fraction,
-            "MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_THRESH": check_iou_balanced_floor_thresh,
-            **super().config_checks(),
-        }
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

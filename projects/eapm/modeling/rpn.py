@@ -23,12 +23,9 @@ from detectron2.layers import cat
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator import RPN
 
-from ..capabilities import DeclaresConfigChecks, SupportsEAPMObjectness
 from ..losses import eapm_binary_cross_entropy_with_logits
 from .common import dense_focal_loss_sum
 from .keys import (
-    EAPM_RPN_CHECKS,
-    KERNEL_CHECKS,
     check_eapm_rpn_mu,
     check_histogram_period,
     eapm_rpn_mu_from_config,
@@ -39,7 +36,7 @@ __all__ = ["EAPMRPN"]
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
-class EAPMRPN(DeclaresConfigChecks, SupportsEAPMObjectness, RPN):
+class EAPMRPN(RPN):
     """``RPN`` + EAPM binary cross entropy on the objectness.
 
     Extra args, checked here (``ValueError``):
@@ -71,10 +68,6 @@ class EAPMRPN(DeclaresConfigChecks, SupportsEAPMObjectness, RPN):
         ret = super().from_config(cfg, input_shape)
         ret.update(eapm_rpn_mu=eapm_rpn_mu_from_config(cfg), **kernel_args_from_config(cfg))
         return ret
-
-    @classmethod
-    def config_checks(cls):
-        return {**EAPM_RPN_CHECKS, **KERNEL_CHECKS}
 
     def losses(self, anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """detectron2's RPN losses (same keys, normalisers and loss weights); with

@@ -80,6 +80,8 @@ def tiny_cfg(config_file: Optional[str] = None, *opts):
     cfg.INPUT.MIN_SIZE_TEST = 64
     cfg.INPUT.MAX_SIZE_TEST = 64
     cfg.merge_from_list(list(opts))
+    if cfg.MODEL.FCOS.HEAD_NORM == "GN" and cfg.MODEL.FPN.OUT_CHANNELS < 64:
+        cfg.MODEL.FCOS.HEAD_NORM = ""  # GN's 32 groups need 2 channels each: EAPMFCOS refuses
     return cfg
 
 
@@ -115,6 +117,8 @@ def tiny_lazy_cfg(config_file: str, *overrides: str):
     if "head" in model:  # dense detectors
         model.head.input_shape = [ShapeSpec(channels=32)] * len(model.head.input_shape)
         model.head.conv_dims = [32]
+        if model.head.get("norm", None) == "GN":  # as tiny_cfg: no GN on 32 channels
+            model.head.norm = ""
     if "compile_kernels" in model:
         model.compile_kernels = False
     if "roi_heads" in model:  # R-CNN
