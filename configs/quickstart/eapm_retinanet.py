@@ -1,7 +1,7 @@
 # LazyConfig twin of eapm_retinanet.yaml (with Base-Shapes.yaml and retinanet.yaml): RetinaNet
 # R-18-FPN at width 32 from scratch (BatchNorm everywhere, channels-last) with EAPM focal loss
 # (mu 1.5) and EAPM balanced L1 (theta 1.0) on the embedded dataset, the head (one conv per tower)
-# on FPN levels P2-P6, AdamW, 760 iterations of 8 images, on a CPU:
+# on FPN levels P2-P6, AdamW, 600 iterations of 8 images, on a CPU:
 #   python train_net.py --config-file configs/quickstart/eapm_retinanet.py
 # Built on detectron2's own COCO-Detection/retinanet_R_50_FPN_1x.py.
 from detectron2.config import LazyCall as L
@@ -89,14 +89,14 @@ optimizer.lr = 0.002
 optimizer.weight_decay = 0.05
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[570, 684], num_updates=760
+        values=[1.0, 0.1, 0.01], milestones=[450, 540], num_updates=600
     ),
-    warmup_length=38 / 760,
+    warmup_length=30 / 600,
     warmup_method="linear",
     warmup_factor=0.001,
 )
-train.max_iter = 760
-train.checkpointer.period = 380
+train.max_iter = 600
+train.checkpointer.period = 300
 train.eval_period = 0
 train.device = "cpu"
 train.channels_last = True  # yacs MODEL.CHANNELS_LAST: faster oneDNN convolutions on CPUs

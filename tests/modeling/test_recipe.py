@@ -206,7 +206,7 @@ def test_recipe_0_3_config_is_the_recipe_before_0_4():
 def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
     """eapm_retinanet_0.5.yaml is the quickstart with the head (two convs per tower) on P3-P7
     (RetinaNet's FPN, P6 and P7 from res5) for 1000 iterations; the quickstart's head (one conv
-    per tower) reads P2-P6 (the R-CNN FPN on the same ResNet, P6 max-pooled) for 760. Nothing
+    per tower) reads P2-P6 (the R-CNN FPN on the same ResNet, P6 max-pooled) for 600. Nothing
     else differs; the baseline is the same network; the LazyConfig twin follows the quickstart."""
     from detectron2.config import LazyConfig
 
@@ -221,7 +221,7 @@ def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
     assert new.MODEL.RESNETS.OUT_FEATURES == new.MODEL.FPN.IN_FEATURES == [
         "res2", "res3", "res4", "res5"
     ]  # fmt: skip
-    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (760, (570, 684), 38)
+    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (600, (450, 540), 30)
     assert (new.MODEL.RETINANET.NUM_CONVS, old.MODEL.RETINANET.NUM_CONVS) == (1, 2)
     changed = {
         "MODEL.BACKBONE.NAME", "MODEL.RESNETS.OUT_FEATURES", "MODEL.FPN.IN_FEATURES",
@@ -307,3 +307,29 @@ def test_interleaved_trainings_rotate_and_run_every_training_to_its_end(monkeypa
     )
     assert log == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2)]
     assert times == {"a": [0.5, 0.5, 0.5], "b": [0.25, 0.25]}
+
+
+@pytest.mark.slow
+def test_benchmark_recipe_train_prints_time_and_ap_side_by_side(tmp_path):
+    """tools/benchmark.py --only recipe --recipe-train: both recipes train to their end (2
+    iterations here), are evaluated, and the report has each one's time, AP and the ratio."""
+    from eapm.data import shapes
+    from tests.tools.test_benchmark import run_benchmark
+
+    root = shapes.ensure_generated(str(tmp_path / "data" / "eapm_shapes"))
+    stdout, reports, _ = run_benchmark(
+        tmp_path, "--only", "recipe", "--recipe-train",
+        "--recipe-opts", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+        "TEST.DETECTIONS_PER_IMAGE", "5", "DATASETS.EMBEDDED_ROOT", root,
+    )  # fmt: skip
+    new, old = "quickstart/eapm_retinanet.yaml", "quickstart/eapm_retinanet_0.5.yaml"
+    report = reports["[recipe] whole trainings"]
+    assert set(report) == {new, old}
+    for r in report.values():
+        assert r["iters"] == 2 and r["train_s"] > 0 and r["eval_s"] > 0
+        assert 1.0 < r["mean_mf"] <= 1 + math.tanh(1.5)  # both train EAPM focal mu 1.5
+    assert report[old]["train_ratio"] == 1.0
+    assert report[new]["train_ratio"] == pytest.approx(
+        report[new]["train_s"] / report[old]["train_s"]
+    )
+    assert f"training time {new} / {old}: " in stdout
