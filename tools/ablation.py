@@ -8,6 +8,7 @@ holds results is skipped, an interrupted one continues from its last checkpoint.
     python tools/ablation.py --out output/ablation --iters 500 --variants retinanet,eapm_mu1.5
     python tools/ablation.py --out output/ablation_rcnn --variants two_stage   # Faster R-CNN
     python tools/ablation.py --out output/ablation --report-only   # rewrite ablation.md
+    python tools/ablation.py --out output/ablation --mean-mf   # MEAN_MF from the eapm_mu* runs
     python tools/ablation.py --list
 
 ``--variants`` takes variant names and the groups ``one_stage`` (the default: the RetinaNet
@@ -18,6 +19,10 @@ One-stage variants (configs/quickstart/):
     retinanet               retinanet.yaml: focal loss + smooth L1 (beta 0.1),
                             detectron2's RetinaNet
     eapm_mu1.0/1.5/2.0      retinanet.yaml + EAPM focal loss (mu): the classification change only
+    scale_mu1.0/1.5/2.0     retinanet.yaml with the classification loss weighted by EAPM focal
+                            loss's mean MF at that mu (MEAN_MF, MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT):
+                            the gradient-scale control of eapm_mu<mu> (which is compared with both
+                            retinanet and it)
     balanced_l1             eapm_retinanet.yaml with EAPM off: focal loss + balanced L1
                             (alpha 0.5, gamma 1.5, beta 0.11): the regression *loss* change only
     eapm_mu1.5_balanced_l1  eapm_retinanet.yaml without EAPM regression: EAPM focal (mu 1.5) +
@@ -41,8 +46,9 @@ EAPM regression here modulates the balanced L1 loss (the paper's; the IoU losses
 modulated too), which retinanet does not use; comparing eapm_mu1.5_theta1.0 with
 retinanet would mix the loss change with EAPM. Each variant is therefore compared
 (paired over seeds) with the variant that differs from it in one thing only, its
-"reference" below. All variants share the architecture, data, schedule and, per seed,
-detectron2's SEED (weights init and data order).
+"reference" below; an EAPM focal variant also with its scale control ("controls": the
+report's section "EAPM against its gradient-scale control"). All variants share the
+architecture, data, schedule and, per seed, detectron2's SEED (weights init and data order).
 
 --iters N sets SOLVER.MAX_ITER N and scales SOLVER.STEPS and SOLVER.WARMUP_ITERS by
 N / MAX_ITER of the config; --opts KEY VALUE ... go to every run (after the variant's
@@ -77,6 +83,9 @@ class Variant(NamedTuple):
     opts: Tuple[str, ...]
     description: str
     reference: Optional[str]  # the variant it differs from in one thing
+    # further variants it is compared with, paired over seeds (an EAPM focal variant: the
+    # baseline whose classification loss is scaled by EAPM's mean MF, its scale control)
+    controls: Tuple[str, ...] = ()
 
 
 _RN = "configs/quickstart/retinanet.yaml"
@@ -95,6 +104,27 @@ def _rcnn_mu(mu: str) -> Tuple[str, ...]:
     return ("MODEL.EAPM.CLS.MU", mu)
 
 
+# EAPM focal loss's mean MF over all examples (eapm/cls_mf in metrics.json, averaged over the
+# run), measured in the eapm_mu<mu> run of seed 1 at the configs' schedule (the quickstart of
+# 600 iterations, head on P2-P6; one thread):
+#   python tools/ablation.py --out output/ablation_mf --seeds 1 \
+#       --variants eapm_mu1.0,eapm_mu1.5,eapm_mu2.0
+#   python tools/ablation.py --out output/ablation_mf --seeds 1 --mean-mf
+#     eapm_mu1.0: mean MF 1.7554 (seed 1 1.7554); control ('scale_mu1.0',)
+#     eapm_mu1.5: mean MF 1.8968 (seed 1 1.8968); control ('scale_mu1.5',)
+#     eapm_mu2.0: mean MF 1.9531 (seed 1 1.9531); control ('scale_mu2.0',)
+# (1 + tanh(mu): 1.7616, 1.9051, 1.9640; nearly every example is an easy negative.) The
+# scale_mu<mu> variants are the baseline with its classification loss weighted by it
+# (MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT): the same mean gradient scale without EAPM's re-weighting
+# by difficulty. For another recipe (--iters, --opts, other configs) measure again and update it.
+MEAN_MF = {"1.0": "1.7554", "1.5": "1.8968", "2.0": "1.9531"}
+_MUS = ("1.0", "1.5", "2.0")
+
+
+def _scale(mu: str) -> Tuple[str, ...]:
+    return ("MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT", MEAN_MF[mu])
+
+
 _GHM_C = ("MODEL.GHM.CLS.ENABLED", "True")
 _GHM_R = ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r")
 
@@ -102,9 +132,33 @@ _GHM_R = ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r")
 VARIANTS: "OrderedDict[str, Variant]" = OrderedDict(
     [
         ("retinanet", Variant(_RN, (), "focal + smooth L1 (baseline)", None)),
-        ("eapm_mu1.0", Variant(_RN, _mu("1.0"), "EAPM focal mu 1.0 + smooth L1", "retinanet")),
-        ("eapm_mu1.5", Variant(_RN, _mu("1.5"), "EAPM focal mu 1.5 + smooth L1", "retinanet")),
-        ("eapm_mu2.0", Variant(_RN, _mu("2.0"), "EAPM focal mu 2.0 + smooth L1", "retinanet")),
+    ]
+    + [
+        (
+            f"eapm_mu{mu}",
+            Variant(
+                _RN,
+                _mu(mu),
+                f"EAPM focal mu {mu} + smooth L1",
+                "retinanet",
+                controls=(f"scale_mu{mu}",),
+            ),
+        )
+        for mu in _MUS
+    ]
+    + [
+        (
+            f"scale_mu{mu}",
+            Variant(
+                _RN,
+                _scale(mu),
+                f"focal x {MEAN_MF[mu]} (EAPM mu {mu}'s mean MF) + smooth L1",
+                "retinanet",
+            ),
+        )
+        for mu in _MUS
+    ]
+    + [
         (
             "balanced_l1",
             Variant(
@@ -398,16 +452,50 @@ def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
         ref = ALL_VARIANTS[v].reference
         entry["reference"] = ref
         if ref in variants:
-            # paired over the seeds both variants have
-            mine = {r["seed"]: r["metrics"]["AP"] for r in rows}
-            theirs = {
-                r["seed"]: r["metrics"]["AP"] for r in runs if r["variant"] == ref and r["metrics"]
-            }
-            diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
-            mean, std = _mean_std(diffs)
-            entry["delta_AP"] = {"mean": mean, "std": std, "n": len(diffs)}
+            entry["delta_AP"] = _paired_delta(runs, v, ref)
+        controls = [c for c in ALL_VARIANTS[v].controls if c in variants]
+        if controls:
+            entry["delta_AP_controls"] = {c: _paired_delta(runs, v, c) for c in controls}
         by_variant[v] = entry
     return {"runs": runs, "variants": by_variant}
+
+
+def _paired_delta(runs: Sequence[Dict], variant: str, other: str) -> Dict:
+    """AP of ``variant`` minus AP of ``other``, paired over the seeds both have: mean, std, n."""
+
+    def aps(v):
+        return {r["seed"]: r["metrics"]["AP"] for r in runs if r["variant"] == v and r["metrics"]}
+
+    mine, theirs = aps(variant), aps(other)
+    diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
+    mean, std = _mean_std(diffs)
+    return {"mean": mean, "std": std, "n": len(diffs)}
+
+
+def _signed(d: Optional[Dict]) -> str:
+    """A paired difference as "+m ± s" ("—" without pairs)."""
+    text = _ms(d["mean"], d["std"]) if d and d["n"] else "—"
+    if text not in ("—", "nan") and not text.startswith("-"):
+        text = "+" + text
+    return text
+
+
+def mean_mf(run_dir: str, key: str = "eapm/cls_mf") -> Optional[float]:
+    """The mean of ``key`` (EAPM focal loss's MF over all examples) over a run's
+    metrics.json records (detectron2 writes each scalar's median over the last 20 iterations
+    every 20 iterations: the mean over the run); None where the run logged none."""
+    path = os.path.join(run_dir, "metrics.json")
+    values = []
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if key in rec:
+                    values.append(float(rec[key]))
+    return statistics.fmean(values) if values else None
 
 
 def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters, opts) -> str:
@@ -431,10 +519,7 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v, e in summary["variants"].items():
-        d = e.get("delta_AP")
-        delta = _ms(d["mean"], d["std"]) if d and d["n"] else "—"
-        if delta not in ("—", "nan") and not delta.startswith("-"):
-            delta = "+" + delta
+        delta = _signed(e.get("delta_AP"))
         wall = f"{e['wall_s_mean']:.0f}" if e["wall_s_mean"] is not None else "—"
         lines.append(
             f"| {v} | {ALL_VARIANTS[v].description} | {e['reference'] or '—'} | "
@@ -442,6 +527,28 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
             + " | ".join(_ms(e[m]["mean"], e[m]["std"]) for m in SUMMARY_METRICS)
             + f" | {delta} | {wall} |"
         )
+    controlled = [(v, e) for v, e in summary["variants"].items() if e.get("delta_AP_controls")]
+    if controlled:
+        lines += [
+            "",
+            "## EAPM against its gradient-scale control",
+            "",
+            "Each EAPM variant paired (same seeds) with its reference and with each control: the"
+            " reference with the classification loss weighted by EAPM's mean MF"
+            " (MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT), the same gradient scale without the"
+            " re-weighting by difficulty. ΔAP: mean ± std over seeds.",
+            "",
+            "| variant | reference | control | ΔAP vs reference | ΔAP vs control |"
+            " ΔAP control vs reference |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for v, e in controlled:
+            for c, d in e["delta_AP_controls"].items():
+                c_ref = summary["variants"][c].get("delta_AP")
+                lines.append(
+                    f"| {v} | {e['reference'] or '—'} | {c} | {_signed(e.get('delta_AP'))} |"
+                    f" {_signed(d)} | {_signed(c_ref)} |"
+                )
     lines += ["", "## Runs", "",
               "| variant | seed | AP | AP50 | AP75 | APs | APm | APl | wall (s) | status |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -465,6 +572,27 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
             {"seeds": list(seeds), "iters": iters, "opts": list(opts), **summary}, fh, indent=1
         )
     return text
+
+
+def print_mean_mf(out: str, seeds: Sequence[int]) -> int:
+    """Prints, per EAPM focal variant with a scale control, the mean MF of each of its finished
+    runs (with results) under ``out`` and their mean (what MEAN_MF stores); 1 if none was
+    found."""
+    found = False
+    for v, var in VARIANTS.items():
+        if not var.controls:
+            continue
+        dirs = {s: os.path.join(out, v, f"seed{s}") for s in seeds}
+        per_seed = {s: mean_mf(d) for s, d in dirs.items() if read_results(d).ok}
+        values = [m for m in per_seed.values() if m is not None]
+        if not values:
+            continue
+        found = True
+        runs = ", ".join(f"seed {s} {m:.4f}" for s, m in per_seed.items() if m is not None)
+        print(f"{v}: mean MF {statistics.fmean(values):.4f} ({runs}); control {var.controls}")
+    if not found:
+        print(f"[ablation] no eapm/cls_mf in the eapm_mu* runs under {out}", file=sys.stderr)
+    return 0 if found else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -498,6 +626,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
     ap.add_argument(
+        "--mean-mf",
+        action="store_true",
+        help="print the mean MF (eapm/cls_mf over the run) of the eapm_mu* runs under --out and"
+        " exit (the weights of the scale_mu* controls, MEAN_MF)",
+    )
+    ap.add_argument(
         "--opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -525,6 +659,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--opts must not set {bad}: use --seeds / --out / --iters")
     seeds = parse_seeds(args.seeds)
     out = os.path.abspath(args.out)
+    if args.mean_mf:
+        return print_mean_mf(out, seeds)
     os.makedirs(out, exist_ok=True)
 
     failed = []

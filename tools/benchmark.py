@@ -4,6 +4,7 @@
     python tools/benchmark.py                                  # the CPU sections
     python tools/benchmark.py --only focal box --repeats 15
     python tools/benchmark.py --device cuda --repeats 20 --warmup 5   # the GPU check
+    python tools/benchmark.py --only recipe --recipe-train   # old vs new quickstart: time and AP
     # smoke test (what the test suite runs): tiny images, a few rounds, seconds
     python tools/benchmark.py --only train --batch 2 --height 64 --width 96 --repeats 2 --warmup 1
 
@@ -62,6 +63,9 @@ def main(argv=None) -> Dict[str, dict]:
                    " configs/, or paths; default: %(default)s)")  # fmt: skip
     p.add_argument("--recipe-iters", type=int, default=100,
                    help="recipe: timed training steps of each config (default 100)")  # fmt: skip
+    p.add_argument("--recipe-train", action="store_true",
+                   help="recipe: train every config in full (interleaved) and evaluate it:"
+                   " training time and AP side by side")  # fmt: skip
     p.add_argument(
         "--recipe-opts",
         nargs="+",

@@ -1,12 +1,13 @@
 # LazyConfig twin of eapm_retinanet.yaml (with Base-Shapes.yaml and retinanet.yaml): RetinaNet
 # R-18-FPN at width 32 from scratch (BatchNorm everywhere, channels-last) with EAPM focal loss
-# (mu 1.5) and EAPM balanced L1 (theta 1.0) on the embedded dataset, AdamW, 1000 iterations of
-# 8 images, on a CPU:
+# (mu 1.5) and EAPM balanced L1 (theta 1.0) on the embedded dataset, the head (one conv per tower)
+# on FPN levels P2-P6, AdamW, 600 iterations of 8 images, on a CPU:
 #   python train_net.py --config-file configs/quickstart/eapm_retinanet.py
 # Built on detectron2's own COCO-Detection/retinanet_R_50_FPN_1x.py.
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
@@ -27,14 +28,19 @@ _bottom_up.stem.norm = "BN"
 _bottom_up.stem.out_channels = 32
 _bottom_up.stages = L(make_basic_stages)(depth=18, stem_channels=32, res2_channels=32, norm="BN")
 _bottom_up.freeze_at = 0  # from scratch: nothing frozen
+# the FPN from P2 (stride 4) to P6 (max-pooled from P5), as yacs build_slim_resnet_fpn_backbone
+_bottom_up.out_features = ["res2", "res3", "res4", "res5"]
+model.backbone.in_features = ["res2", "res3", "res4", "res5"]
 model.backbone.out_channels = 64
 model.backbone.norm = "BN"
-model.backbone.top_block.in_channels = 256  # res5
+model.backbone.top_block = L(LastLevelMaxPool)()
+model.head_in_features = ["p2", "p3", "p4", "p5", "p6"]
 model.head.input_shape = [ShapeSpec(channels=64)] * 5
-model.head.conv_dims = [64, 64]
+model.head.conv_dims = [64]  # one conv per tower (yacs MODEL.RETINANET.NUM_CONVS 1)
 model.head.norm = "BN"
 model.head.num_anchors = 15
-# 128 px images: anchors 8..128 px (three scales per octave), five aspect ratios (bars reach 1:10)
+# 128 px images: anchors 8..203 px on P2..P6 (three scales per octave), five aspect ratios (bars
+# reach 1:10)
 model.anchor_generator.sizes = [
     [8.0, 10.08, 12.7],
     [16.0, 20.16, 25.4],
@@ -43,6 +49,7 @@ model.anchor_generator.sizes = [
     [128.0, 161.27, 203.19],
 ]
 model.anchor_generator.aspect_ratios = [0.25, 0.5, 1.0, 2.0, 4.0]
+model.anchor_generator.strides = [4, 8, 16, 32, 64]
 model.num_classes = 4
 model.smooth_l1_beta = 0.1
 model.test_score_thresh = 0.05
@@ -82,14 +89,14 @@ optimizer.lr = 0.002
 optimizer.weight_decay = 0.05
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[750, 900], num_updates=1000
+        values=[1.0, 0.1, 0.01], milestones=[450, 540], num_updates=600
     ),
-    warmup_length=50 / 1000,
+    warmup_length=30 / 600,
     warmup_method="linear",
     warmup_factor=0.001,
 )
-train.max_iter = 1000
-train.checkpointer.period = 500
+train.max_iter = 600
+train.checkpointer.period = 300
 train.eval_period = 0
 train.device = "cpu"
 train.channels_last = True  # yacs MODEL.CHANNELS_LAST: faster oneDNN convolutions on CPUs

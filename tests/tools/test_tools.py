@@ -513,3 +513,91 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
     assert "on eapm_shapes_val" in text and "| retinanet | 4 | — |" in text
     summary = json.loads((tmp_path / "ablation.json").read_text())
     assert summary["variants"]["eapm_mu1.5"]["delta_AP"] == {"mean": 1.0, "std": 0.5, "n": 3}
+
+
+def test_ablation_scale_controls_differ_from_the_baseline_in_the_weight_only():
+    """Each EAPM focal variant has its gradient-scale control: the baseline's config with
+    MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT set to MEAN_MF at that mu (a weight within MF's range
+    1 .. 1 + tanh(mu)), compared with the baseline; the EAPM variant is compared with both."""
+    tool = load_tool("ablation")
+    base = tool.VARIANTS["retinanet"]
+    for mu in ("1.0", "1.5", "2.0"):
+        eapm = tool.VARIANTS[f"eapm_mu{mu}"]
+        control = tool.VARIANTS[eapm.controls[0]]
+        assert eapm.reference == "retinanet" and eapm.controls == (f"scale_mu{mu}",)
+        assert control.config == base.config == eapm.config and control.reference == "retinanet"
+        assert control.opts == ("MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT", tool.MEAN_MF[mu])
+        assert 1.0 < float(tool.MEAN_MF[mu]) <= 1 + math.tanh(float(mu))
+        assert ("MODEL.EAPM.CLS.MU", mu) == eapm.opts[2:]
+    for v in tool.ALL_VARIANTS.values():
+        assert all(c in tool.ALL_VARIANTS for c in v.controls)
+
+
+def test_ablation_mean_mf_and_the_control_section(tmp_path, capsys):
+    """--mean-mf: the mean of eapm/cls_mf over a finished run's metrics.json records (other
+    records and keys ignored); the report pairs an EAPM variant with its reference and its control.
+    """
+    tool = load_tool("ablation")
+    aps = {"retinanet": (30.0, 32.0), "eapm_mu1.5": (31.0, 34.0), "scale_mu1.5": (30.5, 32.5)}
+    for v, by_seed in aps.items():
+        for s, ap in enumerate(by_seed, 1):
+            d = tmp_path / v / f"seed{s}"
+            d.mkdir(parents=True)
+            d.joinpath("config.yaml").write_text(_config_yaml(str(d), test=("eapm_shapes_val",)))
+            d.joinpath("log.txt").write_text(_log([("eapm_shapes_val", [ap, 50, 40, 1, 2, 3])]))
+            if v == "eapm_mu1.5":
+                recs = [{"iteration": 19, "eapm/cls_mf": 1.8 + 0.01 * s},
+                        {"iteration": 39, "eapm/cls_mf": 1.9 + 0.01 * s, "loss_cls": 0.5},
+                        {"iteration": 39, "bbox/AP": ap}]  # fmt: skip
+                d.joinpath("metrics.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    unfinished = tmp_path / "eapm_mu2.0" / "seed1"  # metrics but no results yet: not printed
+    unfinished.mkdir(parents=True)
+    unfinished.joinpath("metrics.json").write_text(json.dumps({"eapm/cls_mf": 1.9}) + "\n")
+    assert tool.mean_mf(str(tmp_path / "eapm_mu1.5" / "seed1")) == pytest.approx(1.86)
+    assert tool.mean_mf(str(tmp_path / "retinanet" / "seed1")) is None
+    assert tool.main(["--out", str(tmp_path), "--seeds", "2", "--mean-mf"]) == 0
+    out = capsys.readouterr().out
+    assert "eapm_mu1.5: mean MF 1.8650 (seed 1 1.8600, seed 2 1.8700)" in out
+    assert "eapm_mu2.0" not in out
+    assert tool.main(["--out", str(tmp_path / "none"), "--seeds", "1", "--mean-mf"]) == 1
+    text = tool.write_report(str(tmp_path), list(aps), [1, 2], None, [])
+    section = text.split("## EAPM against its gradient-scale control")[1].split("## Runs")[0]
+    # eapm - retinanet: +1, +2; eapm - control: +0.5, +1.5; control - retinanet: +0.5, +0.5
+    assert (
+        "| eapm_mu1.5 | retinanet | scale_mu1.5 | +1.50 ± 0.71 | +1.00 ± 0.71 | +0.50 ± 0.00 |"
+        in section
+    )
+    summary = json.loads((tmp_path / "ablation.json").read_text())
+    assert summary["variants"]["eapm_mu1.5"]["delta_AP_controls"] == {
+        "scale_mu1.5": {"mean": 1.0, "std": pytest.approx(0.7071, abs=1e-4), "n": 2}
+    }
+
+
+# ----------------------------------------------------------------------------
+# anchor_matching
+# ----------------------------------------------------------------------------
+def test_anchor_matching_counts_positives_and_low_quality_matches():
+    """detectron2's Matcher (RetinaNet's 0.4 / 0.5, low-quality matches on): a box equal to
+    an anchor gets it (IoU 1); a box whose best IoU is 0.25 gets only its low-quality match;
+    an anchor is counted for the box it is matched to; each image is matched on its own."""
+    from detectron2.modeling.matcher import Matcher
+
+    tool = load_tool("anchor_matching")
+    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60], [0, 0, 11, 10.0]])
+    boxes = [
+        torch.tensor([[0, 0, 10, 10], [50, 50, 70, 70.0]]),  # IoU 1 (+0.909, 0.25); 0.25
+        torch.zeros((0, 4)),  # an image without boxes is skipped
+        torch.tensor([[0, 0, 5, 20.0]]),  # best IoU 1/3 (with [0, 0, 10, 10]): low quality
+    ]
+    stats = tool.match_stats(anchors, boxes, Matcher([0.4, 0.5], [0, -1, 1], True))
+    assert stats["best_iou"].tolist() == pytest.approx([1.0, 0.25, 1 / 3])
+    # box 0: anchors 0 and 3 (IoU 1 and 10/11); box 1: anchor 2 (its best, 0.25); box 2, in
+    # an image of its own: anchor 0 (IoU 1/3, its best)
+    assert stats["positives"].tolist() == [2, 1, 1]
+    rows = tool.summarize(stats, [0.4, 0.5])
+    assert rows["all"]["boxes"] == 3
+    assert rows["all"]["best IoU < 0.5 (%)"] == pytest.approx(200 / 3)
+    assert rows["all"]["no positive (%)"] == 0.0
+    assert rows["all"]["positives mean"] == pytest.approx(4 / 3)
+    assert rows["aspect 4+"]["boxes"] == 1  # the 5 x 20 box
+    assert rows["long side 16-32 px"]["boxes"] == 2

@@ -3,6 +3,7 @@
 from .backbone import (  # noqa: F401
     build_retinanet_slim_resnet_fpn_backbone,
     build_slim_resnet_backbone,
+    build_slim_resnet_fpn_backbone,
 )
 from .bfp import BalancedFeaturePyramid  # noqa: F401
 from .cascade import EAPMCascadeROIHeads  # noqa: F401

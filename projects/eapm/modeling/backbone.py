@@ -8,7 +8,9 @@ later stage twice the one before. At width 64 it is detectron2's R-18 / R-34, pa
 parameter (a test checks the state-dict shapes). Depth 50 and more: detectron2's builder.
 
 ``build_retinanet_slim_resnet_fpn_backbone`` puts RetinaNet's FPN (P3-P7, P6 from res5) on
-it, as detectron2's ``build_retinanet_resnet_fpn_backbone`` does on the width-64 ResNet.
+it, as detectron2's ``build_retinanet_resnet_fpn_backbone`` does on the width-64 ResNet;
+``build_slim_resnet_fpn_backbone`` the R-CNN FPN (P2-P6, P6 max-pooled from P5), as
+detectron2's ``build_resnet_fpn_backbone`` does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import List
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, ResNet, build_resnet_backbone
-from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "make_basic_stages",
     "build_slim_resnet_backbone",
     "build_retinanet_slim_resnet_fpn_backbone",
+    "build_slim_resnet_fpn_backbone",
     "fpn_from_config",
 ]
 
@@ -106,3 +109,12 @@ def build_retinanet_slim_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     bottom_up = build_slim_resnet_backbone(cfg, input_shape)
     res5 = bottom_up.output_shape()["res5"].channels
     return fpn_from_config(cfg, bottom_up, LastLevelP6P7(res5, cfg.MODEL.FPN.OUT_CHANNELS))
+
+
+@BACKBONE_REGISTRY.register()
+def build_slim_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """The FPN of detectron2's ``build_resnet_fpn_backbone`` (``MODEL.FPN.IN_FEATURES``, e.g.
+    res2-res5 for P2-P5, and P6 max-pooled from P5: no parameters) on
+    ``build_slim_resnet_backbone``. The quickstart RetinaNet's backbone: its head reads P2-P6."""
+    bottom_up = build_slim_resnet_backbone(cfg, input_shape)
+    return fpn_from_config(cfg, bottom_up, LastLevelMaxPool())
