@@ -136,4 +136,5 @@ def test_import_eapm_registers_with_detectron2():
         "build_retinanet_resnet_fpn_bfp_backbone",
         "build_retinanet_slim_resnet_fpn_backbone",
         "build_slim_resnet_backbone",
+        "build_slim_resnet_fpn_backbone",
     ]
