@@ -29,6 +29,7 @@ __all__ = [
     "dense_loss_normalizer",
     "weighted_loss",
     "dense_focal_loss_sum",
+    "model_focal_loss_sum",
     "box_reg_balanced_l1",
     "eapm_iou_box_loss",
     "put_reg_stats",
@@ -74,6 +75,21 @@ def weighted_loss(loss, weight: float):
     """``loss * weight``; ``loss`` itself (the same tensor, no operation) at weight 1.0, so
     the default is the unweighted loss bit for bit, in value and gradient."""
     return loss if weight == 1.0 else loss * weight
+
+
+def model_focal_loss_sum(model, logits, targets):
+    """``dense_focal_loss_sum`` of ``logits`` / one-hot ``targets`` with the dense detector
+    ``model``'s own settings (``eapm_cls_mu``, ``focal_loss_alpha`` / ``gamma``,
+    ``histogram_period``, ``compile_kernels``)."""
+    return dense_focal_loss_sum(
+        logits,
+        targets,
+        model.eapm_cls_mu,
+        model.focal_loss_alpha,
+        model.focal_loss_gamma,
+        histogram_period=model.histogram_period,
+        compile_kernels=model.compile_kernels,
+    )
 
 
 def dense_focal_loss_sum(

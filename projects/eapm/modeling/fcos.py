@@ -29,7 +29,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..upstream import adapted_from
 from .backbone import fpn_from_config
-from .common import dense_focal_loss_sum, dense_loss_normalizer, weighted_loss
+from .common import dense_loss_normalizer, model_focal_loss_sum, weighted_loss
 from .keys import (
     IntAtLeast,
     NonEmptyList,
@@ -235,16 +235,7 @@ class EAPMFCOS(FCOS):
         # one-hot targets without the background column
         targets = F.one_hot(gt_labels, num_classes=self.num_classes + 1)[:, :, :-1]
         logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
-        loss = dense_focal_loss_sum(
-            logits,
-            targets,
-            self.eapm_cls_mu,
-            self.focal_loss_alpha,
-            self.focal_loss_gamma,
-            histogram_period=self.histogram_period,
-            compile_kernels=self.compile_kernels,
-        )
-        return loss / normalizer
+        return model_focal_loss_sum(self, logits, targets) / normalizer
 
     def box_regression_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask, normalizer):
         """The box loss (``box_loss_type``, detectron2's) over the foreground locations,

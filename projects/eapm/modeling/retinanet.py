@@ -23,9 +23,9 @@ from ..upstream import adapted_from
 from .common import (
     box_reg_balanced_l1,
     check_eapm_box_loss,
-    dense_focal_loss_sum,
     dense_loss_normalizer,
     eapm_iou_box_loss,
+    model_focal_loss_sum,
     put_reg_stats,
     weighted_loss,
 )
@@ -226,16 +226,7 @@ class EAPMRetinaNet(RetinaNet):
         # one-hot targets without the background column
         target = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
         logits = cat(pred_logits, dim=1)[valid_mask]
-        loss = dense_focal_loss_sum(
-            logits,
-            target,
-            self.eapm_cls_mu,
-            self.focal_loss_alpha,
-            self.focal_loss_gamma,
-            histogram_period=self.histogram_period,
-            compile_kernels=self.compile_kernels,
-        )
-        return loss / normalizer
+        return model_focal_loss_sum(self, logits, target) / normalizer
 
     def box_regression_loss(self, anchors, pred_anchor_deltas, gt_boxes, pos_mask, normalizer):
         """The box regression loss over the foreground anchors, normalised: the
