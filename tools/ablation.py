@@ -10,6 +10,10 @@ holds results is skipped, an interrupted one continues from its last checkpoint.
     python tools/ablation.py --out output/ablation --report-only   # rewrite ablation.md
     python tools/ablation.py --out output/ablation --mean-mf   # MEAN_MF from the eapm_mu* runs
     python tools/ablation.py --list
+    # the converged-regime comparison: 5 seeds, two streams of one thread on two cores, four
+    # evaluations per run for the AP-vs-iteration curves (docs/ablation.md has the results)
+    python tools/ablation.py --out output/ablation_focal --seeds 5 --jobs 2 --curve-points 4 \
+        --variants retinanet,eapm_mu1.5,scale_mu1.5
 
 ``--variants`` takes variant names and the groups ``one_stage`` (the default: the RetinaNet
 variants below), ``two_stage`` (the Faster R-CNN variants) and ``all``, comma-separated.
@@ -54,12 +58,16 @@ architecture, data, schedule and, per seed, detectron2's SEED (weights init and 
 N / MAX_ITER of the config; --opts KEY VALUE ... go to every run (after the variant's
 own keys). Results go to OUT/<variant>/seed<k>/ (detectron2's log.txt, metrics.json,
 ...; ablation_run.json records the command, return code and wall time) and the
-summary to OUT/ablation.md and OUT/ablation.json. Use a fresh --out for other --iters
+summary to OUT/ablation.md and OUT/ablation.json: per variant AP mean ± std, per comparison
+the paired differences seed by seed with their 95% t and bootstrap intervals and the seeds
+needed to detect 1 AP, and (--curve-points) AP-vs-iteration figures in OUT/curves/. Runs go in
+seed-major order (each seed's variants before the next seed), --jobs at a time. Use a fresh --out for other --iters
 / --opts: a run folder with results is never retrained.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import functools
 import json
@@ -72,6 +80,7 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from eapm.utils import stats
 from eapm.utils.results import read_results
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -218,7 +227,8 @@ GROUPS = {
     "all": list(ALL_VARIANTS),
 }
 SUMMARY_METRICS = ("AP", "AP50", "AP75")
-_RESERVED = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER")
+DETECT_AP = 1.0  # the report's "seeds needed": to detect this AP difference (power 0.8, 5%)
+_RESERVED = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER", "TEST.EVAL_PERIOD")
 
 
 # ----------------------------------------------------------------------------
@@ -297,11 +307,27 @@ def schedule_opts(base: Dict, iters: Optional[int]) -> List[str]:
     ]  # fmt: skip
 
 
+def curve_opts(base: Dict, iters: Optional[int], points: int) -> List[str]:
+    """TEST.EVAL_PERIOD for ``points`` evaluations over the run (the last at its end): the
+    AP-vs-iteration curve of the report. None for ``points`` 0 (the configs' own period)."""
+    if points < 0:
+        raise ValueError(f"--curve-points must be >= 0, got {points}")
+    if not points:
+        return []
+    total = iters if iters is not None else base["MAX_ITER"]
+    return ["TEST.EVAL_PERIOD", str(max(1, math.ceil(total / points)))]
+
+
 def run_command(
-    variant: str, seed: int, out_dir: str, iters: Optional[int], opts: Sequence[str]
+    variant: str,
+    seed: int,
+    out_dir: str,
+    iters: Optional[int],
+    opts: Sequence[str],
+    curve_points: int = 0,
 ) -> List[str]:
     v = ALL_VARIANTS[variant]
-    sched = schedule_opts(base_schedule(v.config, list(v.opts) + list(opts)), iters)
+    base = base_schedule(v.config, list(v.opts) + list(opts))
     return [
         sys.executable,
         os.path.join(REPO, "train_net.py"),
@@ -309,7 +335,8 @@ def run_command(
         os.path.join(REPO, v.config),
         *v.opts,
         *opts,
-        *sched,
+        *schedule_opts(base, iters),
+        *curve_opts(base, iters, curve_points),
         "SEED", str(seed),
         "OUTPUT_DIR", os.path.abspath(out_dir),
     ]  # fmt: skip
@@ -333,12 +360,31 @@ def _save_record(run_dir: str, record: Dict) -> None:
     os.replace(tmp, os.path.join(run_dir, "ablation_run.json"))
 
 
-def execute(variant: str, seed: int, out: str, iters, opts, dry_run=False, timeout=None) -> Dict:
-    """Train + evaluate one run unless its folder already has results."""
-    run_dir = os.path.join(out, variant, f"seed{seed}")
-    cmd = run_command(variant, seed, run_dir, iters, opts)
+def finished(run_dir: str) -> bool:
+    """Whether a run folder holds a finished run: results, and a record that says "done" (a run
+    interrupted after a periodic evaluation has results too, and its record says "running");
+    a folder with results and no record counts as finished."""
     record = _load_record(run_dir)
-    if read_results(run_dir).ok:
+    return read_results(run_dir).ok and (record is None or record.get("status", "done") == "done")
+
+
+def execute(
+    variant: str,
+    seed: int,
+    out: str,
+    iters,
+    opts,
+    dry_run=False,
+    timeout=None,
+    curve_points: int = 0,
+    threads: Optional[int] = None,
+) -> Dict:
+    """Train + evaluate one run unless its folder already holds a finished one (``finished``);
+    ``threads``: OMP_NUM_THREADS of the run (default: inherited)."""
+    run_dir = os.path.join(out, variant, f"seed{seed}")
+    cmd = run_command(variant, seed, run_dir, iters, opts, curve_points)
+    record = _load_record(run_dir)
+    if finished(run_dir):
         if record and record.get("command") != cmd:
             print(
                 f"[ablation] warning: {run_dir} has results from another command; "
@@ -380,10 +426,13 @@ def execute(variant: str, seed: int, out: str, iters, opts, dry_run=False, timeo
     }
     _save_record(run_dir, record)
     start = time.perf_counter()
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(os.path.join(run_dir, "train_net.out"), "a") as log:
         try:
             rc = subprocess.run(
-                full, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+                full, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env
             ).returncode
         except subprocess.TimeoutExpired:
             rc = -9
@@ -429,15 +478,16 @@ def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
             run_dir = os.path.join(out, v, f"seed{s}")
             res = read_results(run_dir)
             rec = _load_record(run_dir) or {}
+            done = finished(run_dir)
             runs.append(
                 {
                     "variant": v,
                     "seed": s,
                     "dir": os.path.relpath(run_dir, out),
                     "dataset": res.dataset,
-                    "metrics": res.metrics if res.ok else None,
+                    "metrics": res.metrics if done else None,
                     "wall_s": rec.get("wall_s"),
-                    "status": "done" if res.ok else rec.get("status", "missing"),
+                    "status": "done" if done else rec.get("status", "missing"),
                 }
             )
     by_variant = OrderedDict()
@@ -461,15 +511,115 @@ def summarize(out: str, variants: Sequence[str], seeds: Sequence[int]) -> Dict:
 
 
 def _paired_delta(runs: Sequence[Dict], variant: str, other: str) -> Dict:
-    """AP of ``variant`` minus AP of ``other``, paired over the seeds both have: mean, std, n."""
+    """AP of ``variant`` minus AP of ``other``, paired over the seeds both have: n, mean, std,
+    the 95% t and bootstrap intervals, the seeds needed to detect 1 AP at this std
+    (``eapm.utils.stats.paired``), and the per-seed differences."""
 
     def aps(v):
         return {r["seed"]: r["metrics"]["AP"] for r in runs if r["variant"] == v and r["metrics"]}
 
     mine, theirs = aps(variant), aps(other)
-    diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
-    mean, std = _mean_std(diffs)
-    return {"mean": mean, "std": std, "n": len(diffs)}
+    seeds = sorted(set(mine) & set(theirs))
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    if any(math.isnan(d) for d in diffs):
+        return {"n": len(diffs), "mean": math.nan, "std": None, "per_seed": dict(zip(seeds, diffs))}
+    return {**stats.paired(diffs, effect=DETECT_AP), "per_seed": dict(zip(seeds, diffs))}
+
+
+def comparisons(summary: Dict) -> List[Tuple[str, str, Dict]]:
+    """(variant, compared with, paired difference) for each variant's reference and controls."""
+    out = []
+    for v, e in summary["variants"].items():
+        if e.get("delta_AP"):
+            out.append((v, e["reference"], e["delta_AP"]))
+        for c, d in (e.get("delta_AP_controls") or {}).items():
+            out.append((v, c, d))
+    return [p for p in out if p[2]["n"]]
+
+
+def _interval(ci) -> str:
+    return "—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def ap_curve(run_dir: str, key: str = "bbox/AP") -> Dict[int, float]:
+    """{iteration: AP} of the evaluations a run logged to its metrics.json (the last record of
+    an iteration wins, e.g. after a resume)."""
+    path = os.path.join(run_dir, "metrics.json")
+    curve: Dict[int, float] = {}
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if key in rec and "iteration" in rec:
+                    curve[int(rec["iteration"]) + 1] = float(rec[key])
+    return curve
+
+
+def mean_curves(out: str, summary: Dict) -> Dict[str, Dict]:
+    """Per variant, over its finished runs: the iterations all of them evaluated at, and AP
+    mean and std there (std None with one run)."""
+    curves = {}
+    for v in summary["variants"]:
+        runs = [r for r in summary["runs"] if r["variant"] == v and r["metrics"]]
+        per_run = [ap_curve(os.path.join(out, r["dir"])) for r in runs]
+        per_run = [c for c in per_run if c]
+        if not per_run:
+            continue
+        its = sorted(set.intersection(*(set(c) for c in per_run)))
+        stats_at = [_mean_std([c[i] for c in per_run]) for i in its]
+        curves[v] = {
+            "n": len(per_run),
+            "iterations": its,
+            "mean": [m for m, _ in stats_at],
+            "std": [sd for _, sd in stats_at],
+        }
+    return curves
+
+
+def write_curves(out: str, summary: Dict) -> List[Tuple[str, str]]:
+    """One figure per variant with a reference or controls: its AP-vs-iteration curve (mean ±
+    std over seeds) with theirs, as OUT/curves/<variant>.png; returns (variant, path)."""
+    curves = mean_curves(out, summary)
+    summary["curves"] = curves
+    groups = []
+    for v, e in summary["variants"].items():
+        others = [e["reference"]] + list(e.get("delta_AP_controls") or {})
+        group = [g for g in [v] + others if g in curves]
+        if v in curves and len(group) > 1:
+            groups.append((v, group))
+    if not groups:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.join(out, "curves"), exist_ok=True)
+    written = []
+    for v, group in groups:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+        for g in group:
+            c = curves[g]
+            mean = c["mean"]
+            ax.plot(c["iterations"], mean, marker="o", ms=3, label=f"{g} (n={c['n']})")
+            if c["n"] > 1:
+                lo = [m - sd for m, sd in zip(mean, c["std"])]
+                hi = [m + sd for m, sd in zip(mean, c["std"])]
+                ax.fill_between(c["iterations"], lo, hi, alpha=0.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("box AP (mean ± std over seeds)")
+        ax.set_title(f"{v} against {', '.join(group[1:])}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, "curves", f"{v}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        written.append((v, path))
+    return written
 
 
 def _signed(d: Optional[Dict]) -> str:
@@ -549,6 +699,41 @@ def write_report(out: str, variants: Sequence[str], seeds: Sequence[int], iters,
                     f"| {v} | {e['reference'] or '—'} | {c} | {_signed(e.get('delta_AP'))} |"
                     f" {_signed(d)} | {_signed(c_ref)} |"
                 )
+    pairs = comparisons(summary)
+    if pairs:
+        lines += [
+            "",
+            "## Paired comparisons",
+            "",
+            "ΔAP = AP(variant) − AP(compared with), seed by seed (same seeds: same initialisation"
+            " and data order). Mean with its 95% confidence intervals: Student's t (n − 1"
+            " degrees of freedom) and percentile bootstrap (10000 resamples of the seeds, fixed"
+            " seed; with few seeds narrower than t, as it cannot reach beyond the values seen)."
+            f" Seeds for {DETECT_AP:g} AP: the paired seeds a two-sided t test (5%) needs to"
+            f" detect a {DETECT_AP:g} AP difference with power 0.8 at the observed std.",
+            "",
+            "| variant | compared with | n | ΔAP per seed | mean ΔAP | 95% t interval |"
+            f" 95% bootstrap interval | seeds for {DETECT_AP:g} AP |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for v, other, d in pairs:
+            per_seed = ", ".join(f"{x:+.2f}" for x in d.get("per_seed", {}).values()) or "—"
+            need = d.get("seeds_needed")
+            lines.append(
+                f"| {v} | {other} | {d['n']} | {per_seed} | {_signed(d)} |"
+                f" {_interval(d.get('t_ci'))} | {_interval(d.get('bootstrap_ci'))} |"
+                f" {need if need is not None else '—'} |"
+            )
+    figures = write_curves(out, summary)
+    if figures:
+        lines += [
+            "",
+            "## AP against iteration",
+            "",
+            "Box AP of the evaluations during training (`--curve-points`), mean ± sample std over"
+            " the finished seeds, of each variant with the variants it is compared with.",
+            "",
+        ] + [f"![{v}]({os.path.relpath(f, out)})" for v, f in figures]
     lines += ["", "## Runs", "",
               "| variant | seed | AP | AP50 | AP75 | APs | APm | APl | wall (s) | status |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -595,6 +780,29 @@ def print_mean_mf(out: str, seeds: Sequence[int]) -> int:
     return 0 if found else 1
 
 
+def run_all(
+    queue: Sequence[Tuple[str, int]], jobs: int = 1, threads: Optional[int] = None, **kwargs
+) -> List[str]:
+    """Runs ``queue`` ((variant, seed) in order) in ``jobs`` streams: each stream takes the next
+    run when its last one ends, each run with ``threads`` threads (default: the CPU count divided
+    among the streams when ``jobs`` > 1, else inherited). Returns the failed runs' names."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if threads is None and jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def one(item):
+        rec = execute(*item, threads=threads, **kwargs)
+        return None if rec.get("returncode") in (0, None) else f"{item[0]} seed {item[1]}"
+
+    if jobs == 1:
+        results = [one(item) for item in queue]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, queue))
+    return [r for r in results if r]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -620,6 +828,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "one_stage; see --list)",
     )
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time (streams; default 1): 2 on a 2-core machine, one thread each",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of each run (default: CPUs / --jobs when --jobs > 1, else inherited)",
+    )
+    ap.add_argument(
+        "--curve-points",
+        type=int,
+        default=0,
+        help="evaluate K times during each run (TEST.EVAL_PERIOD = iterations / K) for the "
+        "report's AP-vs-iteration curves (default 0: only at the end)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument(
         "--report-only", action="store_true", help="only (re)write ablation.md from the run folders"
@@ -656,7 +883,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--opts takes KEY VALUE pairs")
     bad = [k for k in args.opts[::2] if k in _RESERVED]
     if bad:
-        ap.error(f"--opts must not set {bad}: use --seeds / --out / --iters")
+        ap.error(f"--opts must not set {bad}: use --seeds / --out / --iters / --curve-points")
     seeds = parse_seeds(args.seeds)
     out = os.path.abspath(args.out)
     if args.mean_mf:
@@ -665,11 +892,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     failed = []
     if not args.report_only:
-        for v in variants:
-            for s in seeds:
-                rec = execute(v, s, out, args.iters, args.opts, args.dry_run, args.timeout)
-                if rec.get("returncode") not in (0, None):
-                    failed.append(f"{v} seed {s}")
+        failed = run_all(
+            [(v, s) for s in seeds for v in variants],  # seed-major: pairs complete first
+            jobs=args.jobs,
+            threads=args.threads,
+            out=out,
+            iters=args.iters,
+            opts=args.opts,
+            dry_run=args.dry_run,
+            timeout=args.timeout,
+            curve_points=args.curve_points,
+        )
     if args.dry_run:
         return 0
     text = write_report(out, variants, seeds, args.iters, args.opts)

@@ -488,7 +488,7 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
     seeds = [1, 2, 3, 4]  # seed 4 was never run
     text = tool.write_report(str(tmp_path), ["retinanet", "eapm_mu1.5"], seeds, 300, [])
     row = {}
-    for line in text.split("## Runs")[0].splitlines():  # the summary table
+    for line in text.split("\n## ")[0].splitlines():  # the summary table
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] in aps:
             row[cells[0]] = cells
@@ -511,8 +511,19 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
         "200",
     ]
     assert "on eapm_shapes_val" in text and "| retinanet | 4 | — |" in text
+    # the paired comparison: t interval 1 -/+ t(0.975, 2) 0.5 / sqrt(3) = 1 -/+ 4.302653 * 0.288675;
+    # the bootstrap's cannot leave the values' range [0.5, 1.5]; seeds to detect 1 AP at std 0.5:
+    # n = 5 ((2.7764 + 0.9410) * 0.5)^2 = 3.45 <= 5; n = 4: ((3.1824 + 0.9785) * 0.5)^2 = 4.33 > 4
+    section = text.split("## Paired comparisons")[1].split("\n## ")[0]
+    assert (
+        "| eapm_mu1.5 | retinanet | 3 | +1.00, +1.50, +0.50 | +1.00 ± 0.50 | [-0.24, +2.24] |"
+        " [+0.50, +1.50] | 5 |" in section
+    )
     summary = json.loads((tmp_path / "ablation.json").read_text())
-    assert summary["variants"]["eapm_mu1.5"]["delta_AP"] == {"mean": 1.0, "std": 0.5, "n": 3}
+    delta = summary["variants"]["eapm_mu1.5"]["delta_AP"]
+    assert (delta["mean"], delta["std"], delta["n"], delta["seeds_needed"]) == (1.0, 0.5, 3, 5)
+    assert delta["t_ci"] == pytest.approx([1 - 4.302653 * 0.5 / 3**0.5, 1 + 4.302653 * 0.5 / 3**0.5])
+    assert delta["per_seed"] == {"1": 1.0, "2": 1.5, "3": 0.5}
 
 
 def test_ablation_scale_controls_differ_from_the_baseline_in_the_weight_only():
@@ -568,9 +579,91 @@ def test_ablation_mean_mf_and_the_control_section(tmp_path, capsys):
         in section
     )
     summary = json.loads((tmp_path / "ablation.json").read_text())
-    assert summary["variants"]["eapm_mu1.5"]["delta_AP_controls"] == {
-        "scale_mu1.5": {"mean": 1.0, "std": pytest.approx(0.7071, abs=1e-4), "n": 2}
-    }
+    control = summary["variants"]["eapm_mu1.5"]["delta_AP_controls"]["scale_mu1.5"]
+    assert (control["mean"], control["n"]) == (1.0, 2)
+    assert control["std"] == pytest.approx(0.7071, abs=1e-4)
+    assert control["per_seed"] == {"1": 0.5, "2": 1.5}
+    # one bbox/AP record per run (the eapm_mu1.5 runs), no other variant has a curve: no figure
+    assert "## AP against iteration" not in text and summary["curves"]["eapm_mu1.5"]["n"] == 2
+
+
+def test_ablation_curves_and_interrupted_runs(tmp_path, capsys):
+    """--curve-points K sets TEST.EVAL_PERIOD to iterations / K; the report draws each
+    compared variant's AP-vs-iteration curve (mean and std over the finished seeds, from the
+    bbox/AP records of metrics.json); a run whose record says "running" is unfinished even when
+    a periodic evaluation left results in its log, and is resumed, not skipped."""
+    tool = load_tool("ablation")
+    base = {"MAX_ITER": 600, "STEPS": [450, 540], "WARMUP_ITERS": 30}
+    assert tool.curve_opts(base, None, 4) == ["TEST.EVAL_PERIOD", "150"]
+    assert tool.curve_opts(base, 1000, 3) == ["TEST.EVAL_PERIOD", "334"]
+    assert tool.curve_opts(base, None, 0) == []
+    with pytest.raises(ValueError, match="curve-points"):
+        tool.curve_opts(base, None, -1)
+    curves = {"retinanet": {1: (10.0, 20.0), 2: (12.0, 24.0)},
+              "eapm_mu1.5": {1: (11.0, 23.0), 2: (13.0, 25.0)}}  # fmt: skip
+    for v, by_seed in curves.items():
+        for s, (ap150, ap300) in by_seed.items():
+            d = tmp_path / v / f"seed{s}"
+            d.mkdir(parents=True)
+            d.joinpath("config.yaml").write_text(_config_yaml(str(d), test=("eapm_shapes_val",)))
+            d.joinpath("log.txt").write_text(
+                _log([("eapm_shapes_val", [ap150, 1, 1, 1, 1, 1]),
+                      ("eapm_shapes_val", [ap300, 1, 1, 1, 1, 1])])  # fmt: skip
+            )
+            recs = [{"iteration": 149, "bbox/AP": ap150}, {"iteration": 199, "loss_cls": 0.3},
+                    {"iteration": 299, "bbox/AP": ap300}]  # fmt: skip
+            d.joinpath("metrics.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            d.joinpath("ablation_run.json").write_text(json.dumps({"status": "done"}))
+    # seed 3 of eapm_mu1.5 was interrupted after its first periodic evaluation
+    d = tmp_path / "eapm_mu1.5" / "seed3"
+    d.mkdir()
+    d.joinpath("config.yaml").write_text(_config_yaml(str(d), test=("eapm_shapes_val",)))
+    d.joinpath("log.txt").write_text(_log([("eapm_shapes_val", [99.0, 1, 1, 1, 1, 1])]))
+    d.joinpath("metrics.json").write_text(json.dumps({"iteration": 149, "bbox/AP": 99.0}) + "\n")
+    cmd = tool.run_command("eapm_mu1.5", 3, str(d), None, [], curve_points=2)
+    d.joinpath("ablation_run.json").write_text(json.dumps({"status": "running", "command": cmd}))
+    d.joinpath("last_checkpoint").write_text("model_0000149.pth")
+    assert not tool.finished(str(d)) and tool.finished(str(tmp_path / "retinanet" / "seed1"))
+    rec = tool.execute("eapm_mu1.5", 3, str(tmp_path), None, [], dry_run=True, curve_points=2)
+    assert rec["command"] == cmd and "--resume" in capsys.readouterr().out
+    text = tool.write_report(str(tmp_path), ["retinanet", "eapm_mu1.5"], [1, 2, 3], None, [])
+    summary = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["status"] for r in summary["runs"] if r["seed"] == 3] == ["missing", "running"]
+    assert summary["curves"]["eapm_mu1.5"] == {
+        "n": 2, "iterations": [150, 300], "mean": [12.0, 24.0],
+        "std": [pytest.approx(2**0.5), pytest.approx(2**0.5)],
+    }  # fmt: skip
+    assert summary["curves"]["retinanet"]["mean"] == [11.0, 22.0]
+    assert "![eapm_mu1.5](curves/eapm_mu1.5.png)" in text
+    png = tmp_path / "curves" / "eapm_mu1.5.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "curves" / "retinanet.png").exists()  # it has nothing to compare
+
+
+def test_ablation_streams(tmp_path, monkeypatch):
+    """--jobs N runs the queue N at a time, each run with CPUs / N threads unless --threads is
+    given, and reports the failed runs."""
+    tool = load_tool("ablation")
+    calls = []
+
+    def fake_execute(variant, seed, threads=None, **kwargs):
+        calls.append((variant, seed, threads))
+        return {"returncode": 1 if (variant, seed) == ("eapm_mu1.5", 2) else 0}
+
+    monkeypatch.setattr(tool, "execute", fake_execute)
+    queue = [(v, s) for s in (1, 2) for v in ("retinanet", "eapm_mu1.5")]
+    failed = tool.run_all(queue, jobs=2, out=str(tmp_path))
+    assert failed == ["eapm_mu1.5 seed 2"]
+    assert sorted(c[:2] for c in calls) == sorted(queue)
+    assert {c[2] for c in calls} == {max(1, (os.cpu_count() or 1) // 2)}
+    calls.clear()
+    assert tool.run_all(queue[:1], jobs=1, out=str(tmp_path)) == []
+    assert calls == [("retinanet", 1, None)]  # one stream: the threads are inherited
+    calls.clear()
+    tool.run_all(queue[:2], jobs=2, threads=3, out=str(tmp_path))
+    assert {c[2] for c in calls} == {3}
+    with pytest.raises(ValueError, match="jobs"):
+        tool.run_all(queue, jobs=0)
 
 
 # ----------------------------------------------------------------------------
