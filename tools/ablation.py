@@ -61,8 +61,8 @@ own keys). Results go to OUT/<variant>/seed<k>/ (detectron2's log.txt, metrics.j
 summary to OUT/ablation.md and OUT/ablation.json: per variant AP mean ± std, per comparison
 the paired differences seed by seed with their 95% t and bootstrap intervals and the seeds
 needed to detect 1 AP, and (--curve-points) AP-vs-iteration figures in OUT/curves/. Runs go in
-seed-major order (each seed's variants before the next seed), --jobs at a time. Use a fresh --out for other --iters
-/ --opts: a run folder with results is never retrained.
+seed-major order (each seed's variants before the next seed), --jobs at a time. Use a fresh
+--out for other --iters / --opts: a run folder with results is never retrained.
 """
 from __future__ import annotations
 

@@ -1,23 +1,16 @@
 """Loading and validating a config: ``load_config`` and ``validate_config``.
 
-One owner per key: a class honours a key if and only if its ``from_config`` reads it, and a
-rule about a value lives once, where the value is used (the constructor that takes it, or
-the engine / data module that uses a trainer key). This module sits above the models (it
-imports ``eapm.modeling``, which registers them) and asks those owners, before anything real
-is built, raising ``ValueError("Invalid config KEY = VALUE: ...")`` naming the key:
+This module adds no rule of its own (docs/design.md, "Who owns what"): it asks the owners of
+the keys before anything real is built, and raises ``Invalid config KEY = VALUE: ...``:
 
-1. the trainer's and the data keys: the functions of the modules that use them
-   (``engine.solver.check_solver_config``, ``engine.hooks.check_preemption_config``,
-   ``data.check_data_config``);
-2. the model: built on PyTorch's meta device (no memory, no weights) from a copy of the
-   config that records every key read (``keys_read_by_model``), so every ``from_config``
-   runs and every constructor checks its arguments; a ``ValueError`` is reported for the key
-   its argument was read from;
-3. switches: a key of this project named ``ENABLED`` that is on but that no class of the
-   model read would train without what it asks for: an error naming the key, the classes
-   chosen, and the registered classes that read it (found the same way); a box loss type
-   only this project's classes implement needs its parameters read too;
-4. with ``training``: what only a training job needs (AMP on a GPU, the batch per process).
+1. trainer and data keys: the functions of the engine and data modules that use them;
+2. the model: built on PyTorch's meta device from a config that records every key read
+   (``keys_read_by_model``), so every ``from_config`` and constructor check runs; a
+   ``ValueError`` is reported for the key its argument was read from;
+3. a project key named ``ENABLED`` that is on but that no chosen class read (or a box loss
+   type whose parameters no chosen class read): an error naming the key, the chosen classes
+   and the registered classes that read it;
+4. with ``training``: ``engine.trainer.check_training_config``.
 """
 
 from __future__ import annotations
@@ -40,6 +33,7 @@ from .config import add_eapm_config, add_module_configs, import_modules, invalid
 from .data import check_category_counts, check_data_config
 from .engine.hooks import check_preemption_config
 from .engine.solver import check_solver_config
+from .engine.trainer import check_training_config
 
 __all__ = ["check_datasets_fit_model", "keys_read_by_model", "load_config", "validate_config"]
 
@@ -53,8 +47,6 @@ _NAMED = (
 )
 # box loss types only this project's classes implement, and a key such a class reads for it
 _LOSS_PARAMETERS = {"balanced_l1": "MODEL.BALANCED_L1.BETA", "ghm_r": "MODEL.GHM.REG.MU"}
-# the dense heads' norm keys: "BN" there needs 2 images per process (1x1 top level)
-_HEAD_NORMS = ("MODEL.RETINANET.NORM", "MODEL.FCOS.HEAD_NORM")
 
 
 def load_config(
@@ -66,22 +58,12 @@ def load_config(
     coco_json: Iterable[Sequence[str]] = (),
     imports: Sequence[str] = (),
 ) -> CN:
-    """The project's config: detectron2's defaults + ``add_eapm_config``, merged from
-    ``config_file`` and the ``KEY VALUE`` list ``opts``, validated (``validate_config``).
-    Cheap (no data, no real model, no process group), so a bad value fails in seconds.
-
-    Args:
-        training: also check what only a training job needs (AMP, batch per process).
-        world_size: the number of training processes (``--num-gpus x --num-machines``).
-        coco_json: extra ``[name, json_file, image_root]`` entries appended to
-            ``DATASETS.COCO_JSON``.
-        imports: modules to import first (``train_net.py --import``): they register their
-            classes, and the ``add_config(cfg)`` of each that defines one adds its keys
-            before the file and ``opts`` are merged (``eapm.config.add_module_configs``).
-
-    Returns the (not yet frozen) config. MODEL.DEVICE falls back to "cpu" when CUDA is
-    not available. Raises ``ValueError`` naming the key (see ``validate_config``).
-    """
+    """The project's config: detectron2's defaults + ``add_eapm_config`` (+ the ``add_config``
+    of each module of ``imports``, imported first: ``train_net.py --import``), merged from
+    ``config_file`` and the ``KEY VALUE`` list ``opts``, with ``coco_json`` entries appended to
+    ``DATASETS.COCO_JSON``, then ``validate_config``d (``training``: a training job's checks
+    too; ``world_size``: ``--num-gpus x --num-machines``). Cheap: a bad value fails in seconds.
+    MODEL.DEVICE falls back to "cpu" without CUDA. Returns the config, not yet frozen."""
     modules = import_modules(imports)
     cfg = get_cfg()
     add_eapm_config(cfg)
@@ -97,21 +79,18 @@ def load_config(
 
 
 def validate_config(cfg: CN, *, training: bool = True, world_size: Optional[int] = None) -> None:
-    """Raise ``ValueError`` naming the key for any value the project's modules cannot
-    honour (see the module docstring). ``training`` adds the checks of a training job;
-    ``world_size`` (the number of processes) the checks of the batch per process."""
+    """Raise ``ValueError`` naming the key for any value the project's modules cannot honour
+    (the module docstring); ``world_size``: the number of training processes."""
     check_solver_config(cfg)
     check_preemption_config(cfg)
     check_data_config(cfg)
     reads = keys_read_by_model(cfg, name_errors=True)
     _check_switches(cfg, reads)
     if training:
-        _check_training(cfg, world_size, reads)
+        check_training_config(cfg, world_size, reads)
 
 
-# ---------------------------------------------------------------------------
-# the model, built on the meta device from a recording config
-# ---------------------------------------------------------------------------
+# --- the model, built on the meta device from a recording config
 class _ReadRecorder(CN):
     """A copy of a config that records every leaf key read as an attribute (full name ->
     value) in the dict its root shares with its nodes (see ``keys_read_by_model``)."""
@@ -124,14 +103,10 @@ class _ReadRecorder(CN):
 
 
 def keys_read_by_model(cfg: CN, *, name_errors: bool = False) -> Dict[str, Any]:
-    """The config keys (full name -> value, in the order first read) that building
-    ``cfg``'s model reads: the registered meta-architecture's ``from_config`` and everything
-    it builds, on PyTorch's meta device (no memory, no weights: a fraction of a second for
-    an R-50-FPN model). A class honours a key if and only if it reads it here.
-
-    Raises what the model's ``from_config`` and constructors raise; with ``name_errors`` a
-    ``ValueError`` (or another error of the build) is raised as ``Invalid config KEY = VALUE:
-    <message>`` for the key the argument it names was read from."""
+    """The keys (full name -> value, in the order first read) that building ``cfg``'s model on
+    PyTorch's meta device reads (no memory, no weights): a class honours a key if and only if
+    it reads it here. Raises what the build raises; with ``name_errors`` as ``Invalid config
+    KEY = VALUE: <message>`` for the key the argument it names was read from."""
     reads: Dict[str, Any] = {}
     try:
         _build_reading(cfg, reads)
@@ -149,8 +124,7 @@ def keys_read_by_model(cfg: CN, *, name_errors: bool = False) -> Dict[str, Any]:
 
 
 def _build_reading(cfg: CN, reads: Dict[str, Any]) -> None:
-    """Builds ``cfg``'s model on the meta device, recording into ``reads`` every key read
-    (also the reads before an error)."""
+    """Builds ``cfg``'s model on the meta device, recording every key read into ``reads``."""
     rec = _ReadRecorder(cfg)  # a deep copy whose nodes are recorders too
 
     def tag(node: CN, prefix: str) -> None:
@@ -202,9 +176,7 @@ def _key_of(msg: str, reads: Dict[str, Any]) -> Optional[str]:
     return named[0] if named else None
 
 
-# ---------------------------------------------------------------------------
-# switches that no class of the model reads
-# ---------------------------------------------------------------------------
+# --- switches that no class of the model reads
 def _project_switches(cfg: CN):
     """The keys this project adds (``add_eapm_config``) named ``ENABLED``."""
     ours, plain = add_eapm_config(get_cfg()), get_cfg()
@@ -231,8 +203,8 @@ def _check_switches(cfg: CN, reads: Dict[str, Any]) -> None:
 
 
 def _unread(cfg: CN, reads, wanted: str, key: str, value, what: str) -> None:
-    """Raise for ``key = value``: no chosen class reads ``wanted``. The message names the
-    chosen classes and the registered ones that read ``wanted`` with this config."""
+    """Raise for ``key = value``: no chosen class reads ``wanted`` (naming the chosen classes
+    and the registered ones that read it)."""
     chosen = [(k, _get(cfg, k)) for k, _ in _NAMED if k in reads or k == "MODEL.META_ARCHITECTURE"]
     classes = ", ".join(f"{k} {v!r}" for k, v in chosen)
     use = _readers(cfg, wanted, [k for k, _ in chosen])
@@ -249,7 +221,7 @@ def _readers(cfg: CN, wanted: str, names) -> str:
         for name, _ in sorted(registry, key=lambda kv: kv[0]):
             trial = cfg.clone()
             trial.defrost()
-            _set(trial, key, name)
+            trial.merge_from_list([key, name])
             reads: Dict[str, Any] = {}
             try:
                 _build_reading(trial, reads)
@@ -263,53 +235,9 @@ def _readers(cfg: CN, wanted: str, names) -> str:
     return ""
 
 
-def _set(cfg: CN, key: str, value) -> None:
-    *path, last = key.split(".")
-    node = cfg
-    for part in path:
-        node = node[part]
-    node[last] = value
-
-
-# ---------------------------------------------------------------------------
-# training
-# ---------------------------------------------------------------------------
-def _check_training(cfg: CN, world_size: Optional[int], reads: Dict[str, Any]) -> None:
-    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
-        raise invalid(
-            "SOLVER.AMP.ENABLED",
-            True,
-            "mixed-precision training (detectron2's AMPTrainer) needs CUDA, and MODEL.DEVICE "
-            "is 'cpu' (set when no GPU is available)",
-        )
-    if world_size is None or cfg.SOLVER.REFERENCE_WORLD_SIZE != 0:
-        return
-    batch = cfg.SOLVER.IMS_PER_BATCH
-    if batch % world_size:  # detectron2 asserts this only after model and data are loaded
-        raise invalid(
-            "SOLVER.IMS_PER_BATCH",
-            batch,
-            "it is the total batch of all processes and must be divisible by their number "
-            f"({world_size} = --num-gpus x --num-machines)",
-        )
-    per_process = batch // world_size
-    for key in _HEAD_NORMS:  # BatchNorm on one image's 1x1 top level fails at iteration 0
-        if reads.get(key) == "BN" and per_process < 2:
-            raise invalid(
-                "SOLVER.IMS_PER_BATCH",
-                batch,
-                f"the head's BatchNorm needs at least 2 images per process, got {per_process} "
-                f"({world_size} processes, {key} 'BN'); use more images, or GN / SyncBN in the "
-                "head",
-            )
-
-
 def check_datasets_fit_model(cfg: CN) -> None:
-    """The category count of each registered dataset of DATASETS.TRAIN / TEST against the
-    class count the chosen model reads (``MODEL.RETINANET.NUM_CLASSES``, ``MODEL.FCOS.
-    NUM_CLASSES``, ``MODEL.ROI_HEADS.NUM_CLASSES``, ...: ``keys_read_by_model``). More
-    categories than classes raises ``DatasetError``; fewer logs a warning (see
-    ``eapm.data.check_category_counts``)."""
+    """``eapm.data.check_category_counts`` of DATASETS.TRAIN / TEST against the class counts
+    the chosen model reads (``*.NUM_CLASSES``, ``keys_read_by_model``)."""
     classes = {
         k: v
         for k, v in keys_read_by_model(cfg).items()

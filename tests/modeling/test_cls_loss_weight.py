@@ -150,7 +150,7 @@ def test_constructor_checks_the_weight(arch):
     cls = EAPMRetinaNet if arch == "retinanet" else EAPMFCOS
     args = cls.from_config(_cfg(arch, False))
     assert args["cls_loss_weight"] == 1.0
-    with pytest.raises(ValueError, match="cls_loss_weight must be a finite number in"):
+    with pytest.raises(ValueError, match="cls_loss_weight must be a finite number > 0"):
         cls(**{**args, "cls_loss_weight": 0.0})
     assert cls(**{**args, "cls_loss_weight": 3}).cls_loss_weight == 3.0
 

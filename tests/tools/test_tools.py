@@ -522,7 +522,9 @@ def test_ablation_report_means_stds_and_paired_deltas(tmp_path):
     summary = json.loads((tmp_path / "ablation.json").read_text())
     delta = summary["variants"]["eapm_mu1.5"]["delta_AP"]
     assert (delta["mean"], delta["std"], delta["n"], delta["seeds_needed"]) == (1.0, 0.5, 3, 5)
-    assert delta["t_ci"] == pytest.approx([1 - 4.302653 * 0.5 / 3**0.5, 1 + 4.302653 * 0.5 / 3**0.5])
+    assert delta["t_ci"] == pytest.approx(
+        [1 - 4.302653 * 0.5 / 3**0.5, 1 + 4.302653 * 0.5 / 3**0.5]
+    )
     assert delta["per_seed"] == {"1": 1.0, "2": 1.5, "3": 0.5}
 
 

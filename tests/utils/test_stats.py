@@ -1,5 +1,6 @@
 """eapm.utils.stats: Student's t against tabulated quantiles, the intervals of a paired mean
 difference, and the seeds a paired comparison needs (the ablation report's figures)."""
+
 import math
 import statistics
 

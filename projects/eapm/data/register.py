@@ -12,6 +12,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ..losses.checks import is_number
 from . import shapes
 from .image_check import LEVELS
 from .validate import (
@@ -254,7 +255,7 @@ def check_data_config(cfg) -> None:
     if d.CHECK_IMAGES not in LEVELS:
         raise invalid("DATASETS.CHECK_IMAGES", d.CHECK_IMAGES, f"must be one of {tuple(LEVELS)}")
     w = d.CHECK_WORKERS
-    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+    if not (is_number(w, integer=True) and w >= 0):
         raise invalid("DATASETS.CHECK_WORKERS", w, "must be an integer >= 0")
     for i, entry in enumerate(d.COCO_JSON):
         ok = isinstance(entry, (list, tuple)) and len(entry) == 3

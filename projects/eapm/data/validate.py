@@ -35,6 +35,7 @@ import reprlib
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..losses.checks import is_number
 from . import check_cache
 from .image_check import LEVELS, ImageJob, ImageResult, run_image_checks
 
@@ -140,7 +141,7 @@ def _id_error(where: str, what: str, v) -> DatasetError:
 
 
 def _number(v) -> Optional[float]:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if not is_number(v):
         return None
     return float(v)
 

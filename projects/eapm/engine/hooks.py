@@ -33,6 +33,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.utils import comm
 
 from ..data.resumable import ResumableBatchSampler
+from ..losses.checks import is_number
 
 __all__ = [
     "Preempted",
@@ -77,7 +78,7 @@ def check_preemption_config(cfg) -> None:
     except ValueError as e:
         raise invalid("SOLVER.PREEMPTION.SIGNALS", p.SIGNALS, str(e)) from None
     code = p.EXIT_CODE
-    if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
+    if not (is_number(code, integer=True) and 1 <= code <= 255):
         raise invalid("SOLVER.PREEMPTION.EXIT_CODE", code, "must be an integer in [1, 255]")
 
 

@@ -24,6 +24,8 @@ import torch
 from detectron2.solver import build_optimizer as _d2_build_optimizer
 from detectron2.solver import get_default_optimizer_params
 
+from ..losses.checks import is_number
+
 __all__ = ["CLIP_TYPES", "build_optimizer", "clip_gradients", "clip_kwargs"]
 
 CLIP_TYPES = ("value", "norm", "full_model")
@@ -97,7 +99,7 @@ def check_solver_config(cfg) -> None:
             'mmdetection; "norm": detectron2\'s norm of each parameter tensor)',
         )
     v = clip.CLIP_VALUE
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+    if not (is_number(v) and 0 < v < math.inf):
         raise invalid("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", v, "must be a finite number > 0")
 
 

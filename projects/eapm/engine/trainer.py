@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.engine import DefaultTrainer
@@ -21,6 +22,9 @@ from ..data.resumable import build_resumable_train_loader
 from .hooks import PreemptibleCheckpointer, ResumeState, close_train_loader
 from .launch import create_ddp_model
 from .solver import build_optimizer
+
+# the dense heads' norm keys: "BN" there needs 2 images per process (1x1 top level)
+_HEAD_NORMS = ("MODEL.RETINANET.NORM", "MODEL.FCOS.HEAD_NORM")
 
 __all__ = ["EAPMTrainer"]
 
@@ -109,3 +113,40 @@ class EAPMTrainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         register_from_config(cfg)
         return super().test(cfg, model, evaluators)
+
+
+def check_training_config(cfg, world_size: Optional[int], reads: Dict[str, Any]) -> None:
+    """The keys only a training job uses: SOLVER.AMP.ENABLED needs CUDA; SOLVER.IMS_PER_BATCH
+    (all processes together, when SOLVER.REFERENCE_WORLD_SIZE is 0) must divide among the
+    ``world_size`` processes and give a head with BatchNorm (``reads``: the keys the model
+    read, ``eapm.validation.keys_read_by_model``) 2 images per process. Raises ``ValueError``
+    naming the key."""
+    from ..config import invalid
+
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        raise invalid(
+            "SOLVER.AMP.ENABLED",
+            True,
+            "mixed-precision training (detectron2's AMPTrainer) needs CUDA, and MODEL.DEVICE "
+            "is 'cpu' (set when no GPU is available)",
+        )
+    if world_size is None or cfg.SOLVER.REFERENCE_WORLD_SIZE != 0:
+        return
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if batch % world_size:  # detectron2 asserts this only after model and data are loaded
+        raise invalid(
+            "SOLVER.IMS_PER_BATCH",
+            batch,
+            "it is the total batch of all processes and must be divisible by their number "
+            f"({world_size} = --num-gpus x --num-machines)",
+        )
+    per_process = batch // world_size
+    for key in _HEAD_NORMS:  # BatchNorm on one image's 1x1 top level fails at iteration 0
+        if reads.get(key) == "BN" and per_process < 2:
+            raise invalid(
+                "SOLVER.IMS_PER_BATCH",
+                batch,
+                f"the head's BatchNorm needs at least 2 images per process, got {per_process} "
+                f"({world_size} processes, {key} 'BN'); use more images, or GN / SyncBN in the "
+                "head",
+            )

@@ -15,20 +15,15 @@ import math
 import torch
 from torch import Tensor
 
+from .checks import check_number
 from .runtime import _to_float
 
 __all__ = ["check_eapm_param", "difficulty", "gap_over_sum", "modulating_factor"]
 
 
 def check_eapm_param(value: float, name: str) -> float:
-    """Validate an EAPM strength (mu or theta): a finite number >= 0."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
+    """An EAPM strength (mu or theta): a finite number >= 0 (``check_number``), as a float."""
+    return check_number(value, name, 0)
 
 
 def difficulty(logits: Tensor, targets: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .attributes import check_eapm_param, gap_over_sum, modulating_factor
+from .checks import check_number
 from .runtime import _attach, _check_reduction, _kernel, _reduce_mean, _run_kernel, _to_float
 
 __all__ = ["check_balanced_l1_params", "balanced_l1_loss", "eapm_balanced_l1_loss"]
@@ -27,9 +28,7 @@ def check_balanced_l1_params(alpha: float = 0.5, gamma: float = 1.5, beta: float
     """Raise ``ValueError`` unless alpha, gamma and beta of the balanced L1 loss are
     finite numbers > 0."""
     for name, v in (("alpha", alpha), ("gamma", gamma), ("beta", beta)):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok or v <= 0:
-            raise ValueError(f"balanced L1 {name} must be a finite number > 0, got {v!r}")
+        check_number(v, f"balanced L1 {name}", 0, lo_open=True)
 
 
 def _balanced_l1_terms(d: Tensor, alpha: float, gamma: float, beta: float) -> Tuple[Tensor, Tensor]:

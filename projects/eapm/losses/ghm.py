@@ -11,12 +11,12 @@ Pure torch, no detectron2 import.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .checks import check_number
 from .runtime import _to_float
 
 __all__ = ["check_ghm_params", "ghm_bin_index", "GHMC", "GHMR"]
@@ -32,19 +32,14 @@ def check_ghm_params(
     >= 1, ``momentum`` a finite number in [0, 1), ``mu`` (GHM-R) a finite number > 0,
     ``loss_weight`` a finite number >= 0. Arguments left at None are not checked."""
 
-    def num(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if bins is not None and not (
-        isinstance(bins, int) and not isinstance(bins, bool) and bins >= 1
-    ):
-        raise ValueError(f"GHM bins must be an integer >= 1, got {bins!r}")
-    if momentum is not None and not (num(momentum) and 0 <= momentum < 1):
-        raise ValueError(f"GHM momentum must be a finite number in [0, 1), got {momentum!r}")
-    if mu is not None and not (num(mu) and mu > 0):
-        raise ValueError(f"GHM-R mu must be a finite number > 0, got {mu!r}")
-    if loss_weight is not None and not (num(loss_weight) and loss_weight >= 0):
-        raise ValueError(f"GHM loss weight must be a finite number >= 0, got {loss_weight!r}")
+    if bins is not None:
+        check_number(bins, "GHM bins", 1, integer=True)
+    if momentum is not None:
+        check_number(momentum, "GHM momentum", 0, 1, hi_open=True)
+    if mu is not None:
+        check_number(mu, "GHM-R mu", 0, lo_open=True)
+    if loss_weight is not None:
+        check_number(loss_weight, "GHM loss weight", 0)
 
 
 def ghm_bin_index(g: Tensor, edges: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ detectron2's FCOS LazyConfig), unlike RetinaNet's builder which takes them from 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,14 @@ from ..upstream import adapted_from
 from .backbone import fpn_from_config
 from .common import dense_loss_normalizer, model_focal_loss_sum, weighted_loss
 from .keys import (
-    IntAtLeast,
-    NonEmptyList,
-    NumberIn,
-    OneOf,
     check_cls_loss_weight,
     check_eapm_cls_mu,
     check_histogram_period,
     check_loss_normalizer,
-    cls_loss_weight_from_config,
-    eapm_cls_mu_from_config,
+    choice,
+    eapm_strength_from_config,
     kernel_args_from_config,
+    rule,
 )
 
 __all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone", "FCOS_BOX_LOSSES"]
@@ -50,26 +47,37 @@ __all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone", "FCOS_BOX_LOSSES"]
 FCOS_NORMALIZER_INITIAL = 300
 # regression losses FCOS accepts (on decoded boxes; detectron2's FCOS uses giou)
 FCOS_BOX_LOSSES = ("giou", "diou", "ciou")
-check_fcos_box_loss = OneOf("box_loss_type", FCOS_BOX_LOSSES)
+check_fcos_box_loss = choice("box_loss_type", FCOS_BOX_LOSSES)
 # the head towers' norms accepted (names detectron2's get_norm knows)
 FCOS_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN", "LN")
 
+
 # detectron2's FCOS and FCOSHead check none of their arguments: EAPMFCOS applies these rules
 # (the constructor to its arguments, from_config to what it builds the head from)
+def check_names(value, name: str = "head_in_features"):
+    """``value`` must be a non-empty sequence of names."""
+    names = isinstance(value, Sequence) and not isinstance(
+        value, str
+    )  # a LazyConfig ListConfig too
+    if not (names and len(value) > 0 and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"{name} must be a non-empty list of names, got {value!r}")
+    return value
+
+
 FCOS_ARG_CHECKS = {
-    "num_classes": IntAtLeast("num_classes", 1),
-    "test_topk_candidates": IntAtLeast("test_topk_candidates", 1),
-    "head_in_features": NonEmptyList("head_in_features"),
-    "center_sampling_radius": NumberIn("center_sampling_radius", 0, math.inf, True, True),
-    "test_score_thresh": NumberIn("test_score_thresh", 0, 1, False, True),
-    "test_nms_thresh": NumberIn("test_nms_thresh", 0, 1, True, False),
+    "num_classes": rule("num_classes", 1, integer=True),
+    "test_topk_candidates": rule("test_topk_candidates", 1, integer=True),
+    "head_in_features": check_names,
+    "center_sampling_radius": rule("center_sampling_radius", 0, lo_open=True),
+    "test_score_thresh": rule("test_score_thresh", 0, 1, hi_open=True),
+    "test_nms_thresh": rule("test_nms_thresh", 0, 1, lo_open=True),
     # < 0 disables the alpha weighting (as fvcore)
-    "focal_loss_alpha": NumberIn("focal_loss_alpha", -math.inf, 1, True, False),
-    "focal_loss_gamma": NumberIn("focal_loss_gamma", 0, math.inf, False, True),
+    "focal_loss_alpha": rule("focal_loss_alpha", hi=1),
+    "focal_loss_gamma": rule("focal_loss_gamma", 0),
 }
-check_num_convs = IntAtLeast("num_convs", 1)
-check_prior_prob = NumberIn("prior_prob", 0, 1, True, True)
-check_head_norm = OneOf("head_norm", FCOS_HEAD_NORMS)
+check_num_convs = rule("num_convs", 1, integer=True)
+check_prior_prob = rule("prior_prob", 0, 1, lo_open=True, hi_open=True)
+check_head_norm = choice("head_norm", FCOS_HEAD_NORMS)
 
 
 def check_gn_channels(norm: str, channels: int) -> None:
@@ -178,9 +186,9 @@ class EAPMFCOS(FCOS):
             "test_topk_candidates": fc.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": fc.NMS_THRESH_TEST,
             "box_loss_type": fc.BOX_LOSS_TYPE,
-            "eapm_cls_mu": eapm_cls_mu_from_config(cfg),
+            "eapm_cls_mu": eapm_strength_from_config(cfg, "CLS"),
             "loss_normalizer": cfg.MODEL.LOSS_NORMALIZER.TYPE,
-            "cls_loss_weight": cls_loss_weight_from_config(cfg),
+            "cls_loss_weight": cfg.MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT,
             **kernel_args_from_config(cfg),
         }
 

@@ -31,16 +31,14 @@ from .common import (
 )
 from .keys import (
     BOX_REG_LOSSES,
-    OneOf,
     balanced_l1_from_config,
     check_cls_loss_weight,
     check_eapm_cls_mu,
     check_eapm_reg_theta,
     check_histogram_period,
     check_loss_normalizer,
-    cls_loss_weight_from_config,
-    eapm_cls_mu_from_config,
-    eapm_reg_theta_from_config,
+    choice,
+    eapm_strength_from_config,
     kernel_args_from_config,
 )
 
@@ -48,7 +46,7 @@ __all__ = ["EAPMRetinaNet", "RETINANET_BOX_REG_LOSSES"]
 
 # RetinaNet's box losses: detectron2's four, balanced L1 and GHM-R (classes with SupportsGHM)
 RETINANET_BOX_REG_LOSSES = BOX_REG_LOSSES + ("ghm_r",)
-check_retinanet_box_loss = OneOf("box_reg_loss_type", RETINANET_BOX_REG_LOSSES)
+check_retinanet_box_loss = choice("box_reg_loss_type", RETINANET_BOX_REG_LOSSES)
 
 
 def _check_ghm(prefix: str, **params) -> None:
@@ -162,8 +160,8 @@ class EAPMRetinaNet(RetinaNet):
         ret = super().from_config(cfg)
         gh = cfg.MODEL.GHM
         ret.update(
-            eapm_cls_mu=eapm_cls_mu_from_config(cfg),
-            eapm_reg_theta=eapm_reg_theta_from_config(cfg),
+            eapm_cls_mu=eapm_strength_from_config(cfg, "CLS"),
+            eapm_reg_theta=eapm_strength_from_config(cfg, "REG"),
             balanced_l1=balanced_l1_from_config(cfg),
             loss_normalizer=cfg.MODEL.LOSS_NORMALIZER.TYPE,
             # GHM-C only when enabled; GHM-R whenever the box loss type is "ghm_r"
@@ -179,7 +177,7 @@ class EAPMRetinaNet(RetinaNet):
             ghm_reg_loss_weight=float(gh.REG.LOSS_WEIGHT),
             ghm_all_reduce=bool(gh.ALL_REDUCE),
             ghm_per_level=bool(gh.PER_LEVEL),
-            cls_loss_weight=cls_loss_weight_from_config(cfg),
+            cls_loss_weight=cfg.MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT,
             **kernel_args_from_config(cfg),
         )
         return ret

@@ -40,7 +40,6 @@ image.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Tuple
 
 import torch
@@ -63,16 +62,14 @@ from ..upstream import adapted_from
 from .common import IOU_BOX_LOSSES, box_reg_balanced_l1, check_eapm_box_loss, eapm_iou_box_loss
 from .keys import (
     BOX_REG_LOSSES,
-    IntAtLeast,
-    NumberIn,
-    OneOf,
     balanced_l1_from_config,
     check_eapm_cls_mu,
     check_eapm_reg_theta,
     check_histogram_period,
-    eapm_cls_mu_from_config,
-    eapm_reg_theta_from_config,
+    choice,
+    eapm_strength_from_config,
     kernel_args_from_config,
+    rule,
 )
 from .sampling import instance_balanced_positives, iou_balanced_negatives, random_subset
 
@@ -86,10 +83,10 @@ __all__ = [
     "require_predictor",
 ]
 
-check_box_reg_loss_type = OneOf("box_reg_loss_type", BOX_REG_LOSSES)
-check_iou_balanced_num_bins = IntAtLeast("iou_balanced_num_bins", 0)
-check_iou_balanced_floor_fraction = NumberIn("iou_balanced_floor_fraction", 0, 1)
-check_iou_balanced_floor_thresh = NumberIn("iou_balanced_floor_thresh", -math.inf, 1)
+check_box_reg_loss_type = choice("box_reg_loss_type", BOX_REG_LOSSES)
+check_iou_balanced_num_bins = rule("iou_balanced_num_bins", 0, integer=True)
+check_iou_balanced_floor_fraction = rule("iou_balanced_floor_fraction", 0, 1)
+check_iou_balanced_floor_thresh = rule("iou_balanced_floor_thresh", hi=1)
 
 
 def check_softmax_cls(use_sigmoid_ce: bool, eapm_cls_mu: float) -> None:
@@ -158,8 +155,8 @@ class EAPMFastRCNNOutputLayers(FastRCNNOutputLayers):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret.update(
-            eapm_cls_mu=eapm_cls_mu_from_config(cfg),
-            eapm_reg_theta=eapm_reg_theta_from_config(cfg),
+            eapm_cls_mu=eapm_strength_from_config(cfg, "CLS"),
+            eapm_reg_theta=eapm_strength_from_config(cfg, "REG"),
             balanced_l1=balanced_l1_from_config(cfg),
             **kernel_args_from_config(cfg),
         )

@@ -28,7 +28,7 @@ from .common import dense_focal_loss_sum
 from .keys import (
     check_eapm_rpn_mu,
     check_histogram_period,
-    eapm_rpn_mu_from_config,
+    eapm_strength_from_config,
     kernel_args_from_config,
 )
 
@@ -66,7 +66,9 @@ class EAPMRPN(RPN):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret.update(eapm_rpn_mu=eapm_rpn_mu_from_config(cfg), **kernel_args_from_config(cfg))
+        ret.update(
+            eapm_rpn_mu=eapm_strength_from_config(cfg, "RPN"), **kernel_args_from_config(cfg)
+        )
         return ret
 
     def losses(self, anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):

@@ -4,6 +4,7 @@ number of seeds a paired comparison needs to detect an effect at a given spread.
 
 Used by ``tools/ablation.py``'s report; checked against tabulated values in
 ``tests/utils/test_stats.py``."""
+
 from __future__ import annotations
 
 import math
