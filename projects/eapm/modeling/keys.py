@@ -141,7 +141,8 @@ def check_eapm_cls_mu(value) -> float:
 
 
 def check_eapm_reg_theta(value) -> float:
-    """theta of EAPM balanced L1: a finite number >= 0 (returned as a float)."""
+    """theta of EAPM regression (balanced L1 or an IoU loss): a finite number >= 0 (returned
+    as a float)."""
     return check_eapm_param(value, "eapm_reg_theta")
 
 
