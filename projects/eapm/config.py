@@ -153,7 +153,7 @@ def add_eapm_config(cfg: CN) -> CN:
     # (detectron2's focal loss / cross entropy): 0 is the one way to say "off".
     _C.MODEL.EAPM.CLS.MU = 1.5
     _C.MODEL.EAPM.REG = CN()
-    # EAPM with balanced L1 loss on box regression (dw, dh modulated by Gap-over-Sum).
+    # EAPM on box regression (dw, dh modulated by Gap-over-Sum).
     # Requires the regression loss type "balanced_l1" (RetinaNet: MODEL.RETINANET.
     # BBOX_REG_LOSS_TYPE, R-CNN: MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE) or one of detectron2's
     # IoU losses "giou", "diou", "ciou" (EAPMRetinaNet and the R-CNN ROI heads EAPMROIHeads,

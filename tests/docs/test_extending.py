@@ -47,7 +47,7 @@ def _module(tmp_path, monkeypatch):
 def test_the_module_block_replaces_only_the_box_loss(tmp_path, monkeypatch):
     from detectron2.utils.events import EventStorage
 
-    from eapm.losses import eapm_loss, gos, tanh_factor
+    from eapm.losses import eapm_loss
     from eapm.utils.testing import make_batch
     from eapm.validation import load_config
 
@@ -80,7 +80,7 @@ def test_the_module_block_replaces_only_the_box_loss(tmp_path, monkeypatch):
     with EventStorage(0):
         losses = model(make_batch(2, 128, (3, 2), seed=0))
     expected = eapm_loss(
-        torch.nn.functional.smooth_l1_loss, gos, tanh_factor(0.5), modulated_columns=(2, 3)
+        torch.nn.functional.smooth_l1_loss, "gap_over_sum", 0.5, modulated_columns=(2, 3)
     )(seen["pred"], seen["target"], beta=model.smooth_l1_beta, reduction="sum")
     assert seen["pred"].shape[0] > 0
     assert torch.allclose(losses["loss_box_reg"], expected / seen["normalizer"])

@@ -87,9 +87,6 @@ def evaluate() -> dict:
         r["modulating_factor"] = float(
             L.modulating_factor(torch.tensor([0.0, 0.5, 1.0]), 1.5).sum()
         )
-        r["dif"] = float(L.dif(torch.sigmoid(logits), onehot).sum())
-        r["gos"] = float(L.gos(deltas, target_deltas).sum())
-        r["tanh_factor"] = float(L.tanh_factor(1.5)(torch.tensor([0.0, 0.5, 1.0])).sum())
         r["ghm_bin_index"] = L.ghm_bin_index(
             torch.tensor([0.0, 0.05, 0.5, 1.0]), torch.linspace(0, 1, 11)
         ).tolist()
@@ -121,27 +118,27 @@ def evaluate() -> dict:
         "identity": _run(
             lambda t: L.eapm_loss(
                 lambda p, y: F.smooth_l1_loss(p, y, beta=0.1, reduction="sum"),
-                L.gos,
-                L.tanh_factor(1.0),
+                "gap_over_sum",
+                1.0,
             )(t, target_deltas),
             deltas,
         ),
         "sigmoid": _run(
             lambda x: L.eapm_loss(
                 lambda p, y: F.binary_cross_entropy_with_logits(p, y, reduction="sum"),
-                L.dif,
-                L.tanh_factor(1.5),
+                "difficulty",
+                1.5,
                 "sigmoid",
             )(x, onehot),
             logits,
         ),
         "softmax": _run(
-            lambda x: L.eapm_loss(F.cross_entropy, L.dif, L.tanh_factor(1.5), "softmax")(x, labels),
+            lambda x: L.eapm_loss(F.cross_entropy, "difficulty", 1.5, "softmax")(x, labels),
             ce_logits,
         ),
     }
     r["modulate_prediction"] = _run(
-        lambda t: L.modulate_prediction(t, target_deltas, L.gos, L.tanh_factor(1.0))[0], deltas
+        lambda t: L.modulate_prediction(t, target_deltas, "gap_over_sum", 1.0)[0], deltas
     )
     # the helpers
     r["LINKS"] = list(L.LINKS)

@@ -11,11 +11,11 @@ the balanced L1 and EAPM balanced L1 losses at several theta and two betas, GHM-
 (two calls, so the moving average enters; with and without a valid mask), the attributes
 and the modulating factor, the EAPM cross entropies (softmax: with an ignored row, its
 statistics; binary) at several mu, the general recipe (``eapm_loss`` and
-``modulate_prediction`` with the sigmoid, softmax and identity links, the attributes ``dif``,
-``gos`` and the factor ``tanh_factor``), GHM's bin index; float32 / float64 / float16 /
-bfloat16 inputs, extreme logits, an autocast region, three seeds; eager kernels
-(``compile_kernels=False``), both in one piece and through the CPU chunking (inputs above its
-chunk size).
+``modulate_prediction`` with the sigmoid, softmax and identity links, the named attributes
+``"difficulty"`` and ``"gap_over_sum"`` and the strength as factor), GHM's bin index;
+float32 / float64 / float16 / bfloat16 inputs, extreme logits, an autocast region, three
+seeds; eager kernels (``compile_kernels=False``), both in one piece and through the CPU
+chunking (inputs above its chunk size).
 
 ``fingerprint()`` returns the lines, ``run_case(name)`` those of one case;
 ``tests/losses/test_fingerprint.py`` pins some of them.
@@ -35,7 +35,6 @@ from eapm.losses import (
     GHMC,
     GHMR,
     balanced_l1_loss,
-    dif,
     difficulty,
     eapm_balanced_l1_loss,
     eapm_binary_cross_entropy_with_logits,
@@ -47,11 +46,9 @@ from eapm.losses import (
     eapm_sigmoid_focal_loss,
     gap_over_sum,
     ghm_bin_index,
-    gos,
     modulate_prediction,
     modulating_factor,
     sigmoid_focal_loss,
-    tanh_factor,
 )
 
 MUS = (0.0, 0.5, 1.0, 1.5, 2.0, 10.0)
@@ -250,17 +247,17 @@ def _cases() -> Dict[str, Callable[[], List[str]]]:  # noqa: C901  (one flat tab
             for s_ in (0.0, 1.5):
                 general = {
                     "sigmoid": (
-                        eapm_loss(sigmoid_focal_loss, dif, tanh_factor(s_), "sigmoid"),
+                        eapm_loss(sigmoid_focal_loss, "difficulty", s_, "sigmoid"),
                         logits,
                         {"reduction": "none"},
                     ),
                     "softmax": (
-                        eapm_loss(F.cross_entropy, dif, tanh_factor(s_), "softmax"),
+                        eapm_loss(F.cross_entropy, "difficulty", s_, "softmax"),
                         ce_inputs,
                         {"reduction": "none"},
                     ),
                     "identity": (
-                        eapm_loss(balanced_l1_loss, gos, tanh_factor(s_), modulated_columns=(2, 3)),
+                        eapm_loss(balanced_l1_loss, "gap_over_sum", s_, modulated_columns=(2, 3)),
                         deltas,
                         {"beta": 0.11},
                     ),
@@ -272,12 +269,12 @@ def _cases() -> Dict[str, Callable[[], List[str]]]:  # noqa: C901  (one flat tab
                         )
                     )
                     cols = (2, 3) if link == "identity" else None
-                    attribute = gos if link == "identity" else dif
+                    attribute = "gap_over_sum" if link == "identity" else "difficulty"
                     cases[f"modulate_prediction {link} s={s_} seed={seed} {dn}"] = (
                         lambda inputs=inputs, link=link, cols=cols, attribute=attribute, s_=s_: (
                             _with_grad(
                                 lambda a, b: modulate_prediction(
-                                    a, b, attribute, tanh_factor(s_), link, modulated_columns=cols
+                                    a, b, attribute, s_, link, modulated_columns=cols
                                 ),
                                 *inputs(),
                             )

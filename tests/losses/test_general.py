@@ -1,7 +1,8 @@
 """The general EAPM recipe (eapm.losses.general): the wrapper around a base loss agrees with
 the fused kernels (focal, balanced L1, cross entropies) in float64, values and gradients;
 a factor of 1 gives the base loss bitwise; user attributes and factors follow the contract
-(gradient = the base gradient at the modulated point); errors are clear."""
+(gradient = the base gradient at the modulated point); the named attributes and the strength
+as factor are the explicit callables bitwise; errors are clear."""
 
 from __future__ import annotations
 
@@ -14,17 +15,15 @@ import torch.nn.functional as F
 from eapm.losses import (
     LINKS,
     balanced_l1_loss,
-    dif,
     eapm_balanced_l1_loss,
     eapm_binary_cross_entropy_with_logits,
     eapm_cross_entropy,
     eapm_loss,
     eapm_sigmoid_focal_loss,
-    gos,
+    gap_over_sum,
     modulate_prediction,
     modulating_factor,
     sigmoid_focal_loss,
-    tanh_factor,
 )
 
 RTOL, ATOL = 1e-10, 1e-14  # float64; the general path forms 1 - MF Dif by subtraction
@@ -62,7 +61,7 @@ def _deltas(n=300, seed=1):
 @pytest.mark.parametrize("alpha,gamma", ((0.25, 2.0), (-1.0, 2.0), (0.25, 1.5), (-1.0, 0.0)))
 def test_general_equals_fused_focal(mu, alpha, gamma):
     x, t = _binary()
-    general = eapm_loss(sigmoid_focal_loss, dif, tanh_factor(mu), "sigmoid")
+    general = eapm_loss(sigmoid_focal_loss, "difficulty", mu, "sigmoid")
     for reduction in ("none", "sum"):
         v, g = _grad(lambda z: general(z, t, alpha=alpha, gamma=gamma, reduction=reduction), x)
         fv, fg = _grad(
@@ -78,7 +77,7 @@ def test_general_equals_fused_focal(mu, alpha, gamma):
 @pytest.mark.parametrize("beta", (1.0, 0.11))
 def test_general_equals_fused_balanced_l1(theta, beta):
     p, q = _deltas()
-    general = eapm_loss(balanced_l1_loss, gos, tanh_factor(theta), modulated_columns=(2, 3))
+    general = eapm_loss(balanced_l1_loss, "gap_over_sum", theta, modulated_columns=(2, 3))
     for reduction in ("none", "sum", "mean"):
         v, g = _grad(lambda z: general(z, q, beta=beta, reduction=reduction), p)
         fv, fg = _grad(
@@ -87,7 +86,7 @@ def test_general_equals_fused_balanced_l1(theta, beta):
         _close(v, fv)
         _close(g, fg)
     # all four columns modulated: differs from the fused (w, h only) loss when theta > 0
-    v_all = eapm_loss(balanced_l1_loss, gos, tanh_factor(theta))(p, q, beta=beta)
+    v_all = eapm_loss(balanced_l1_loss, "gap_over_sum", theta)(p, q, beta=beta)
     v_wh = general(p, q, beta=beta)
     assert torch.equal(v_all[:, 2:], v_wh[:, 2:])
     assert bool((v_all[:, :2] != v_wh[:, :2]).any()) == (theta > 0)
@@ -99,7 +98,7 @@ def test_general_equals_eapm_cross_entropy(mu):
     x = torch.randn(300, 7, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, 7, (300,), generator=g)
     y[:5] = -100  # ignored rows: not modulated, F.cross_entropy ignores them
-    general = eapm_loss(F.cross_entropy, dif, tanh_factor(mu), "softmax")
+    general = eapm_loss(F.cross_entropy, "difficulty", mu, "softmax")
     for reduction in ("none", "sum", "mean"):
         v, gr = _grad(lambda z: general(z, y, reduction=reduction), x)
         fv, fg = _grad(lambda z: eapm_cross_entropy(z, y, mu, reduction), x)
@@ -108,7 +107,7 @@ def test_general_equals_eapm_cross_entropy(mu):
         if mu == 0:
             assert torch.equal(v, fv) and torch.equal(gr, fg)
     # the modulated prediction is log p' and p' is a distribution
-    x_mod, ea, mf = modulate_prediction(x, y, dif, tanh_factor(mu), "softmax")
+    x_mod, ea, mf = modulate_prediction(x, y, "difficulty", mu, "softmax")
     if mu > 0:  # (mu = 0: MF == 1, the logits pass through untouched)
         _close(torch.logsumexp(x_mod[5:], 1), torch.zeros(295, dtype=torch.float64), 0, 1e-14)
     p_y = torch.softmax(x, 1)[torch.arange(300), y.clamp_min(0)]
@@ -119,7 +118,7 @@ def test_general_equals_eapm_cross_entropy(mu):
 @pytest.mark.parametrize("mu", (0.0, 1.0, 1.5, 2.0))
 def test_general_equals_eapm_bce(mu):
     x, t = _binary(seed=3)
-    general = eapm_loss(F.binary_cross_entropy_with_logits, dif, tanh_factor(mu), "sigmoid")
+    general = eapm_loss(F.binary_cross_entropy_with_logits, "difficulty", mu, "sigmoid")
     for reduction in ("none", "sum", "mean"):
         v, g = _grad(lambda z: general(z, t, reduction=reduction), x)
         fv, fg = _grad(lambda z: eapm_binary_cross_entropy_with_logits(z, t, mu, reduction), x)
@@ -170,7 +169,7 @@ def test_factor_one_is_the_base_loss_bitwise(link):
         base = F.binary_cross_entropy_with_logits
     else:
         base = F.smooth_l1_loss
-    general = eapm_loss(base, dif, lambda ea: torch.ones_like(ea), link)
+    general = eapm_loss(base, "difficulty", lambda ea: torch.ones_like(ea), link)
     v, g = _grad(lambda z: general(z, t), x)
     rv, rg = _grad(lambda z: base(z, t), x)
     assert torch.equal(v, rv) and torch.equal(g, rg)
@@ -179,9 +178,9 @@ def test_factor_one_is_the_base_loss_bitwise(link):
 def test_low_precision_input_modulated_in_float32():
     x, t = _binary(n=30)
     xh = x.to(torch.bfloat16)
-    x_mod, ea, mf = modulate_prediction(xh, t, dif, tanh_factor(1.5), "sigmoid")
+    x_mod, ea, mf = modulate_prediction(xh, t, "difficulty", 1.5, "sigmoid")
     assert x_mod.dtype == ea.dtype == mf.dtype == torch.float32
-    general = eapm_loss(sigmoid_focal_loss, dif, tanh_factor(1.5), "sigmoid")
+    general = eapm_loss(sigmoid_focal_loss, "difficulty", 1.5, "sigmoid")
     v, g = _grad(lambda z: general(z, t, reduction="sum"), xh)
     fv, fg = _grad(lambda z: eapm_sigmoid_focal_loss(z, t, 1.5, reduction="sum"), xh)
     assert g.dtype == torch.bfloat16
@@ -190,45 +189,122 @@ def test_low_precision_input_modulated_in_float32():
     torch.testing.assert_close(g, fg, rtol=1e-2, atol=1e-3)
 
 
-def test_named_helpers():
+def _explicit(name, s):
+    """The attribute and factor callables a name and a strength stand for, written out."""
+    if name == "difficulty":
+
+        def attribute(p, p_star):
+            return (p - p_star).abs()  # Dif = |p - p*| in the prediction space
+
+    else:
+        attribute = gap_over_sum
+
+    def factor(ea):
+        return modulating_factor(ea, s)
+
+    return attribute, factor
+
+
+def _link_inputs(link, dtype):
+    if link == "identity":
+        p, q = _deltas()
+        return p.to(dtype), q.to(dtype), F.smooth_l1_loss
+    x, t = _binary(n=60, seed=6)
+    if link == "softmax":
+        t = t.argmax(1)
+        t[:3] = -100  # ignored rows
+        return x.to(dtype), t, F.cross_entropy
+    return x.to(dtype), t.to(dtype), F.binary_cross_entropy_with_logits
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("s", (0.0, 0.5, 1.5, 10.0))
+@pytest.mark.parametrize(
+    "link,name",
+    (("identity", "gap_over_sum"), ("identity", "difficulty"), ("sigmoid", "difficulty"),
+     ("softmax", "difficulty")),
+)  # fmt: skip
+def test_names_and_strength_are_the_explicit_callables_bitwise(link, name, s, dtype):
+    """``attribute="difficulty"`` / ``"gap_over_sum"`` and ``factor=s`` compute exactly what
+    the callables |p - p*| / ``gap_over_sum`` and ``modulating_factor(EA, s)`` compute:
+    modulated prediction, EA, MF, loss values and gradients bitwise; s == 0 is the base
+    loss bitwise."""
+    x, t, base = _link_inputs(link, dtype)
+    attribute, factor = _explicit(name, s)
+    cols = (2, 3) if link == "identity" else None
+    named = modulate_prediction(x, t, name, s, link, modulated_columns=cols)
+    explicit = modulate_prediction(x, t, attribute, factor, link, modulated_columns=cols)
+    for a, b in zip(named, explicit):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    kw = {"reduction": "none"}
+    v, g = _grad(lambda z: eapm_loss(base, name, s, link, modulated_columns=cols)(z, t, **kw), x)
+    ev, eg = _grad(
+        lambda z: eapm_loss(base, attribute, factor, link, modulated_columns=cols)(z, t, **kw), x
+    )
+    assert torch.equal(v, ev) and torch.equal(g, eg)
+    if s == 0:
+        rv, rg = _grad(lambda z: base(z, t, **kw), x)
+        assert torch.equal(v, rv) and torch.equal(g, rg)
+        assert (named[2] == 1).all()
+
+
+def test_named_attributes_and_strength():
     a = torch.tensor([0.2, 0.9, 0.0])
     b = torch.tensor([1.0, 0.0, 0.0])
-    assert torch.equal(dif(a, b), torch.tensor([0.8, 0.9, 0.0]))
-    assert torch.equal(
-        gos(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])), torch.tensor([0.5, 0.0])
+    _, ea, mf = modulate_prediction(a, b, "difficulty", 1.5)
+    assert torch.equal(ea, torch.tensor([0.8, 0.9, 0.0]))
+    assert torch.equal(mf, modulating_factor(ea, 1.5))
+    _, ea, _ = modulate_prediction(
+        torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]), "gap_over_sum", 1.0
     )
-    f = tanh_factor(1.5)
-    assert torch.equal(f(a), modulating_factor(a, 1.5))
-    _close(
-        f(torch.tensor([0.0], dtype=torch.float64)),
-        torch.tensor([1 + math.tanh(1.5)], dtype=torch.float64),
+    assert torch.equal(ea, torch.tensor([0.5, 0.0]))
+    _, _, mf = modulate_prediction(
+        torch.zeros(1, dtype=torch.float64), torch.zeros(1), "difficulty", 1.5
     )
-    assert "tanh_factor(1.5)" in f.__name__
-    assert eapm_loss(F.cross_entropy, dif, f, "softmax").__name__ == "eapm_cross_entropy"
+    _close(mf, torch.tensor([1 + math.tanh(1.5)], dtype=torch.float64))
+    # a strength may be any real number type (as check_eapm_param reads it)
+    for s in (1, 1.5, torch.tensor(1.5)):
+        _, _, mf_s = modulate_prediction(a, b, "difficulty", s)
+        assert torch.equal(mf_s, modulating_factor((a - b).abs(), float(s)))
+    assert eapm_loss(F.cross_entropy, "difficulty", 1.5, "softmax").__name__ == "eapm_cross_entropy"
 
 
 def test_errors():
     x, t = _binary(n=4)
-    f = tanh_factor(1.0)
+    f = 1.0
     with pytest.raises(ValueError, match="link"):
-        eapm_loss(F.mse_loss, dif, f, "tanh")
-    with pytest.raises(ValueError, match="strength"):
-        tanh_factor(-1.0)
+        eapm_loss(F.mse_loss, "difficulty", f, "tanh")
+    for bad in ("dif", "gos", "Difficulty", ""):  # an unknown name lists the accepted ones
+        with pytest.raises(
+            ValueError, match=r"attribute must be one of \('difficulty', 'gap_over_sum'\)"
+        ):
+            eapm_loss(F.mse_loss, bad, f)
+        with pytest.raises(ValueError, match="'difficulty', 'gap_over_sum'"):
+            modulate_prediction(x, t, bad, f)
+    with pytest.raises(ValueError, match="attribute must be"):
+        eapm_loss(F.mse_loss, 1.5, f)
+    for bad in (-1.0, float("nan"), float("inf"), "1.5", "tanh", None, [1.0]):
+        with pytest.raises(ValueError, match="^factor must be"):
+            eapm_loss(F.mse_loss, "difficulty", bad)
+        with pytest.raises(ValueError, match="^factor must be"):
+            modulate_prediction(x, t, "difficulty", bad)
     with pytest.raises(ValueError, match="targets in"):
-        eapm_loss(F.binary_cross_entropy_with_logits, dif, f, "sigmoid")(x, t * 0.5 + 0.25)
+        eapm_loss(F.binary_cross_entropy_with_logits, "difficulty", f, "sigmoid")(x, t * 0.5 + 0.25)
     with pytest.raises(ValueError, match="same shape"):
-        eapm_loss(F.mse_loss, dif, f)(x, t[:2])
+        eapm_loss(F.mse_loss, "difficulty", f)(x, t[:2])
     with pytest.raises(ValueError, match="integer labels"):
-        eapm_loss(F.cross_entropy, dif, f, "softmax")(x, t[:, 0])
+        eapm_loss(F.cross_entropy, "difficulty", f, "softmax")(x, t[:, 0])
     with pytest.raises(ValueError, match=r"\(N, C\)"):
-        eapm_loss(F.cross_entropy, dif, f, "softmax")(x[0], t[:, 0].long())
+        eapm_loss(F.cross_entropy, "difficulty", f, "softmax")(x[0], t[:, 0].long())
     with pytest.raises(ValueError, match="one MF per row"):
-        modulate_prediction(x, t[:, 0].long(), dif, f, "softmax", modulated_columns=(0,))
+        modulate_prediction(x, t[:, 0].long(), "difficulty", f, "softmax", modulated_columns=(0,))
     with pytest.raises(ValueError, match="modulated_columns"):
-        modulate_prediction(x, t, dif, f, modulated_columns=(7,))
+        modulate_prediction(x, t, "difficulty", f, modulated_columns=(7,))
     with pytest.raises(ValueError, match="broadcast"):
-        modulate_prediction(x, t, dif, lambda ea: torch.ones(3))
+        modulate_prediction(x, t, "difficulty", lambda ea: torch.ones(3))
     with pytest.raises(ValueError, match="leaves"):  # MF = 3: p' outside [0, 1]
-        modulate_prediction(x, t, dif, lambda ea: torch.full_like(ea, 3.0), "sigmoid")
+        modulate_prediction(x, t, "difficulty", lambda ea: torch.full_like(ea, 3.0), "sigmoid")
     with pytest.raises(ValueError, match="leaves"):
-        modulate_prediction(x, t.argmax(1), dif, lambda ea: torch.full_like(ea, 3.0), "softmax")
+        modulate_prediction(
+            x, t.argmax(1), "difficulty", lambda ea: torch.full_like(ea, 3.0), "softmax"
+        )

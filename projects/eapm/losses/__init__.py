@@ -18,9 +18,10 @@ Map of the package (every name below is importable from ``eapm.losses``):
 * ``cross_entropy`` ``eapm_cross_entropy`` (softmax, R-CNN box classification),
   ``eapm_ce_stats`` (its Dif and MF, for histograms), ``eapm_binary_cross_entropy_with_logits``
   (RPN objectness); ``mu == 0`` is the torch function itself.
-* ``general``     the paper's recipe around any base loss: attributes ``dif``, ``gos``, the
-  factor ``tanh_factor``, ``modulate_prediction`` (the straight-through modulated
-  prediction) and ``eapm_loss`` (a base loss -> its EAPM version); ``LINKS``.
+* ``general``     the paper's recipe around any base loss: ``modulate_prediction`` (the
+  straight-through modulated prediction) and ``eapm_loss`` (a base loss -> its EAPM
+  version), whose ``attribute`` is ``"difficulty"``, ``"gap_over_sum"`` or a callable and
+  whose ``factor`` is a strength s (``modulating_factor(EA, s)``) or a callable; ``LINKS``.
 * ``ghm``         ``GHMC``, ``GHMR``, ``check_ghm_params``, ``ghm_bin_index`` (Li, Liu, Wang,
   AAAI 2019).
 
@@ -46,7 +47,7 @@ from .focal import (
     eapm_sigmoid_focal_loss,
     sigmoid_focal_loss,
 )
-from .general import LINKS, dif, eapm_loss, gos, modulate_prediction, tanh_factor
+from .general import LINKS, eapm_loss, modulate_prediction
 from .ghm import GHMC, GHMR, check_ghm_params, ghm_bin_index
 from .runtime import clear_compiled_kernels, compiled_kernel_state
 
@@ -75,9 +76,6 @@ __all__ = [
     "eapm_ce_stats",
     "eapm_binary_cross_entropy_with_logits",
     "LINKS",
-    "dif",
-    "gos",
-    "tanh_factor",
     "modulate_prediction",
     "eapm_loss",
 ]

@@ -3,9 +3,13 @@
 EAPM is defined for any loss ``L(pred, target)``:
 
 1. an example attribute ``EA = f(p, p*)`` of the prediction ``p`` and its target ``p*`` in a
-   *prediction space* (``attribute``, e.g. ``dif`` or ``gos``, or a user's callable);
-2. a modulating factor ``MF = g(EA)`` (``factor``, e.g. ``tanh_factor(mu)``, or a user's
-   callable);
+   *prediction space* (``attribute``): the name ``"difficulty"`` (Dif = |p - p*|, paper
+   Sec. 2.2, of the link's p: the probabilities for sigmoid, where ``eapm.losses.difficulty``
+   takes the logits) or ``"gap_over_sum"`` (GoS = |p - p*| / (|p| + |p*|), Sec. 2.3, 0/0 =
+   0: ``eapm.losses.gap_over_sum``), or a user's callable ``attribute(p, p_star)``;
+2. a modulating factor ``MF = g(EA)`` (``factor``): a number, the strength ``s`` (mu or
+   theta) of the paper's factor ``MF = modulating_factor(EA, s) = 1 + tanh(s) - tanh(s EA)``,
+   or a user's callable ``factor(ea)``;
 3. the modulated prediction ``p' = p* + MF (p - p*)``;
 4. the loss evaluated at ``p'``, whose gradient reaches the raw output *as it is at the
    modulated point*: MF is not differentiated and there is no chain-rule factor
@@ -25,16 +29,18 @@ The prediction space is named by ``link``:
   (log-probabilities: ``softmax(x') = p'``). ``target``: (N,) integer labels; rows whose
   label is outside [0, C) (an ignore index) are not modulated. One MF per row: ``attribute``
   sees the target class's probability ``p_y`` (N,) and ``ones`` (``p*`` at the target
-  class), so ``dif`` gives ``1 - p_y``; ``p' = Y + MF (p - Y)`` stays a distribution when
-  ``MF (1 - p_y) <= 1`` (checked). The base loss must depend on the logits only through
-  ``softmax`` (as a cross entropy does): ``x'`` is defined up to a per-row constant.
+  class), so ``"difficulty"`` gives ``1 - p_y``; ``p' = Y + MF (p - Y)`` stays a
+  distribution when ``MF (1 - p_y) <= 1`` (checked). The base loss must depend on the
+  logits only through ``softmax`` (as a cross entropy does): ``x'`` is defined up to a
+  per-row constant.
 
-Contract of the callables: ``attribute(p, p_star) -> Tensor`` broadcastable to ``p``'s
-shape ((N,) for softmax), finite; ``factor(ea) -> Tensor`` (MF >= 0), finite. Both are
-called without gradient, in float32 (float64 for float64 input), autocast disabled. Where MF
-is exactly 1 the raw prediction is passed through untouched (so a factor that is 1
-everywhere, e.g. ``tanh_factor(0)``, gives the base loss bitwise). The base loss itself runs
-in the caller's autocast state on the float32 (float64) modulated prediction.
+Contract of the callables (the named attributes and the strength's factor keep it too):
+``attribute(p, p_star) -> Tensor`` broadcastable to ``p``'s shape ((N,) for softmax),
+finite; ``factor(ea) -> Tensor`` (MF >= 0), finite. Both are called without gradient, in
+float32 (float64 for float64 input), autocast disabled. Where MF is exactly 1 the raw
+prediction is passed through untouched (so a factor that is 1 everywhere, e.g. the strength
+``factor=0``, gives the base loss bitwise). The base loss itself runs in the caller's
+autocast state on the float32 (float64) modulated prediction.
 
 This path composes autograd ops and is meant for new attributes, factors and base losses;
 the fused kernels (``eapm_sigmoid_focal_loss``, ``eapm_balanced_l1_loss``,
@@ -47,7 +53,7 @@ Pure torch, no detectron2 import.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,43 +64,60 @@ from .runtime import _to_float
 
 __all__ = [
     "LINKS",
-    "dif",
-    "gos",
-    "tanh_factor",
     "modulate_prediction",
     "eapm_loss",
 ]
 
 LINKS = ("identity", "sigmoid", "softmax")
 
-Attribute = Callable[[Tensor, Tensor], Tensor]
-Factor = Callable[[Tensor], Tensor]
+AttributeFn = Callable[[Tensor, Tensor], Tensor]
+FactorFn = Callable[[Tensor], Tensor]
+Attribute = Union[str, AttributeFn]  # a name of _ATTRIBUTES or a callable
+Factor = Union[float, FactorFn]  # the strength s of modulating_factor or a callable
 
 
-def dif(pred: Tensor, target: Tensor) -> Tensor:
+def _difficulty(pred: Tensor, target: Tensor) -> Tensor:
     """Dif = |p - p*| (paper Sec. 2.2) of predictions in the prediction space (e.g.
-    probabilities), elementwise."""
+    probabilities), elementwise (``attributes.difficulty`` takes sigmoid logits instead)."""
     return (pred - target).abs()
 
 
-def gos(pred: Tensor, target: Tensor) -> Tensor:
-    """GoS = |t - t*| / (|t| + |t*|) (paper Sec. 2.3), elementwise, 0/0 defined as 0
-    (``gap_over_sum``)."""
-    return gap_over_sum(pred, target)
+# the attributes ``attribute`` may name: the prediction-space forms of the paper's Dif and GoS
+_ATTRIBUTES: Dict[str, AttributeFn] = {"difficulty": _difficulty, "gap_over_sum": gap_over_sum}
 
 
-def tanh_factor(strength: float) -> Factor:
-    """The paper's factor ``g(EA) = 1 + tanh(s) - tanh(s EA)`` for the strength ``s``
-    (mu or theta, a finite number >= 0; ``s == 0`` gives MF == 1). Returns the callable.
+def _attribute_fn(attribute: Attribute) -> AttributeFn:
+    """The callable of ``attribute``: itself, or the attribute it names."""
+    if isinstance(attribute, str):
+        try:
+            return _ATTRIBUTES[attribute]
+        except KeyError:
+            raise ValueError(
+                f"attribute must be one of {tuple(_ATTRIBUTES)} or a callable, got {attribute!r}"
+            ) from None
+    if not callable(attribute):
+        raise ValueError(
+            f"attribute must be one of {tuple(_ATTRIBUTES)} or a callable, got {attribute!r}"
+        )
+    return attribute
 
-    Raises ``ValueError`` for an invalid strength."""
-    s = check_eapm_param(strength, "strength")
 
-    def factor(attribute: Tensor) -> Tensor:
-        return modulating_factor(attribute, s)
+def _factor_fn(factor: Factor) -> FactorFn:
+    """The callable of ``factor``: itself, or for a number s (the strength, checked by
+    ``check_eapm_param``) ``MF = modulating_factor(EA, s)``."""
+    if callable(factor):
+        return factor
+    if isinstance(factor, (str, bytes)) or factor is None:
+        raise ValueError(
+            f"factor must be a number >= 0 (the strength s) or a callable, got {factor!r}"
+        )
+    s = check_eapm_param(factor, "factor")
 
-    factor.__name__ = factor.__qualname__ = f"tanh_factor({s!r})"
-    return factor
+    def tanh_mf(ea: Tensor) -> Tensor:
+        return modulating_factor(ea, s)
+
+    tanh_mf.__name__ = tanh_mf.__qualname__ = f"modulating_factor(ea, {s!r})"
+    return tanh_mf
 
 
 def _column_mask(n: int, columns: Optional[Sequence[int]], device) -> Optional[Tensor]:
@@ -108,7 +131,7 @@ def _column_mask(n: int, columns: Optional[Sequence[int]], device) -> Optional[T
     return mask
 
 
-def _mf(factor: Factor, ea: Tensor, shape, name: str) -> Tensor:
+def _mf(factor: FactorFn, ea: Tensor, shape, name: str) -> Tensor:
     mf = factor(ea)
     if not isinstance(mf, Tensor):
         raise ValueError(f"the factor must return a tensor, got {type(mf).__name__}")
@@ -135,7 +158,10 @@ def modulate_prediction(
     Args:
         pred: raw predictions (logits for the sigmoid / softmax links, deltas for identity).
         target: targets in the link's form (module docstring).
-        attribute, factor: callables ``EA = attribute(p, p*)``, ``MF = factor(EA)``.
+        attribute: ``"difficulty"`` (Dif = |p - p*|), ``"gap_over_sum"`` (GoS) or a callable
+            ``EA = attribute(p, p*)``.
+        factor: a number, the strength s of ``MF = modulating_factor(EA, s)`` (``0``: MF
+            == 1), or a callable ``MF = factor(EA)``.
         link: "identity", "sigmoid" or "softmax".
         modulated_columns: indices along the last dim that are modulated (the others keep
             MF = 1, e.g. ``(2, 3)`` for the dw, dh of (..., 4) box deltas); None: all.
@@ -148,13 +174,15 @@ def modulate_prediction(
     ``modulated_columns``).
 
     Raises:
-        ValueError: an unknown link, shapes that do not fit the link, sigmoid targets
+        ValueError: an unknown link or attribute name, an invalid strength (``factor``),
+            shapes that do not fit the link, sigmoid targets
             outside {0, 1}, softmax labels not integers, ``modulated_columns`` with the
             softmax link or out of range, a factor output that does not broadcast, or a
             modulated probability outside [0, 1] (sigmoid / softmax links).
     """
     if link not in LINKS:
         raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    attribute, factor = _attribute_fn(attribute), _factor_fn(factor)
     x = _to_float(pred)
     with torch.no_grad(), torch.autocast(device_type=pred.device.type, enabled=False):
         xd = x.detach()
@@ -185,7 +213,7 @@ def modulate_prediction(
     return x + (x_mod - x).detach(), ea, mf
 
 
-def _sigmoid_shift(x: Tensor, t: Tensor, attribute: Attribute, factor: Factor, cols):
+def _sigmoid_shift(x: Tensor, t: Tensor, attribute: AttributeFn, factor: FactorFn, cols):
     if t.numel() and not bool(((t == 0) | (t == 1)).all()):
         raise ValueError("the sigmoid link needs targets in {0, 1}")
     sign = 1.0 - 2.0 * t  # +1 for negatives, -1 for positives
@@ -203,7 +231,7 @@ def _sigmoid_shift(x: Tensor, t: Tensor, attribute: Attribute, factor: Factor, c
     return x_mod, ea, mf
 
 
-def _softmax_shift(x: Tensor, labels: Tensor, attribute: Attribute, factor: Factor, columns):
+def _softmax_shift(x: Tensor, labels: Tensor, attribute: AttributeFn, factor: FactorFn, columns):
     if columns is not None:
         raise ValueError("modulated_columns is not for the softmax link (one MF per row)")
     if x.dim() != 2 or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
@@ -249,14 +277,17 @@ def eapm_loss(
     i.e. the value of the base loss at the modulated prediction, and as gradient w.r.t.
     ``pred`` the base loss's gradient there. Examples (the fused kernels compute the same):
 
-        eapm_loss(sigmoid_focal_loss, dif, tanh_factor(mu), "sigmoid")  # EAPM focal
-        eapm_loss(balanced_l1_loss, gos, tanh_factor(theta), modulated_columns=(2, 3))
-        eapm_loss(F.cross_entropy, dif, tanh_factor(mu), "softmax")  # eapm_cross_entropy
+        eapm_loss(sigmoid_focal_loss, "difficulty", mu, "sigmoid")  # EAPM focal
+        eapm_loss(balanced_l1_loss, "gap_over_sum", theta, modulated_columns=(2, 3))
+        eapm_loss(F.cross_entropy, "difficulty", mu, "softmax")  # eapm_cross_entropy
 
-    Raises ``ValueError`` for an unknown link (here) and as ``modulate_prediction`` (per call).
+    ``attribute`` and ``factor`` as in ``modulate_prediction``. Raises ``ValueError`` for an
+    unknown link or attribute name and an invalid strength (here) and as
+    ``modulate_prediction`` (per call).
     """
     if link not in LINKS:
         raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    attribute, factor = _attribute_fn(attribute), _factor_fn(factor)
     cols = None if modulated_columns is None else tuple(modulated_columns)
 
     def loss(pred: Tensor, target: Tensor, **kwargs) -> Tensor:

@@ -4,8 +4,9 @@
 detectron2's ``CascadeROIHeads`` whose every stage's box predictor is an
 ``EAPMFastRCNNOutputLayers`` with that stage's box transform
 (``MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS``): EAPM cross entropy on each stage's
-softmax classification (``MODEL.EAPM.CLS.*``, the same mu in every stage) and the (EAPM)
-balanced L1 box loss are available; the stages, their matching, the per-stage loss names
+softmax classification (``MODEL.EAPM.CLS.*``, the same mu in every stage), the (EAPM)
+balanced L1 box loss and EAPM regression with the IoU losses (giou / diou / ciou) are
+available; the stages, their matching, the per-stage loss names
 (``loss_cls_stage0``, ...) and the inference (scores averaged over the stages) are
 detectron2's. Each stage's EAPM diagnostics carry the stage in their names
 (``stage1/eapm/roi_cls_mf_fg``, ...), as detectron2's own per-stage scalars

@@ -19,10 +19,8 @@ from ..losses import (
     eapm_balanced_l1_loss,
     eapm_focal_loss_sum_with_stats,
     gap_over_sum,
-    gos,
     modulate_prediction,
     modulating_factor,
-    tanh_factor,
 )
 
 __all__ = [
@@ -198,7 +196,7 @@ def eapm_iou_box_loss(
     gradient reaching ``pred_deltas`` is the IoU loss's gradient at ``t'`` (MF not
     differentiated). Returns the summed loss and the (P, 2) GoS and MF of dw, dh."""
     pred_mod, ea, mf = modulate_prediction(
-        pred_deltas, gt_deltas, gos, tanh_factor(theta), modulated_columns=(2, 3)
+        pred_deltas, gt_deltas, "gap_over_sum", theta, modulated_columns=(2, 3)
     )
     loss = _dense_box_regression_loss(
         [anchors],

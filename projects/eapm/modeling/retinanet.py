@@ -73,7 +73,8 @@ def check_ghm_cls(ghm_cls: bool, eapm_cls_mu: float) -> None:
 @META_ARCH_REGISTRY.register()
 class EAPMRetinaNet(RetinaNet):
     """RetinaNet whose classification loss can be EAPM focal loss or GHM-C and whose
-    regression loss can be (EAPM) balanced L1 or GHM-R, besides detectron2's own choices.
+    regression loss can be (EAPM) balanced L1, EAPM giou / diou / ciou or GHM-R, besides
+    detectron2's own choices.
 
     Extra args (besides RetinaNet's), all checked here (``ValueError``), as is
     ``box_reg_loss_type`` (one of ``RETINANET_BOX_REG_LOSSES``):

@@ -5,9 +5,10 @@
   ``eapm.losses.eapm_cross_entropy``, Dif = 1 - p_y of each sampled ROI, background
   included; mean over the sampled ROIs as detectron2's ``loss_cls``), and the box regression
   with the balanced L1 loss (``MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE "balanced_l1"``,
-  ``MODEL.BALANCED_L1.*``), optionally with EAPM (``MODEL.EAPM.REG.*``): the dw/dh of the
-  foreground ROIs' class-specific deltas are modulated by their Gap-over-Sum. As in
-  detectron2, the summed box loss is divided by the number of sampled ROIs. The deltas are
+  ``MODEL.BALANCED_L1.*``) or detectron2's losses, with EAPM (``MODEL.EAPM.REG.*``) on balanced
+  L1 or the IoU losses "giou" / "diou" / "ciou": the dw/dh of the foreground ROIs'
+  class-specific deltas are modulated by their Gap-over-Sum (for an IoU loss, then decoded).
+  As in detectron2, the summed box loss is divided by the number of sampled ROIs. The deltas are
   the box transform's (weights (10, 10, 5, 5) applied, = mmdetection's target stds
   (0.1, 0.1, 0.2, 0.2)); GoS is scale-free, so the weights do not change it.
 * ``EAPMROIHeads`` (``MODEL.ROI_HEADS.NAME: "EAPMROIHeads"``): detectron2's
@@ -101,7 +102,7 @@ def check_softmax_cls(use_sigmoid_ce: bool, eapm_cls_mu: float) -> None:
 
 class EAPMFastRCNNOutputLayers(FastRCNNOutputLayers):
     """``FastRCNNOutputLayers`` + EAPM cross entropy for the classification and the (EAPM)
-    balanced L1 box regression loss.
+    balanced L1 box regression loss, and EAPM regression with detectron2's IoU losses.
 
     Extra args, checked here (``ValueError``), as is ``box_reg_loss_type`` (one of
     ``BOX_REG_LOSSES``):
@@ -341,8 +342,8 @@ class EAPMBoxPredictorHeads:
 class EAPMROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
     """detectron2's ``StandardROIHeads`` (Faster R-CNN; Mask R-CNN with ``MODEL.MASK_ON``)
     whose box predictor is ``EAPMFastRCNNOutputLayers``: EAPM cross entropy
-    (``MODEL.EAPM.CLS.*``) and the (EAPM) balanced L1 box loss are available, everything else
-    is detectron2's.
+    (``MODEL.EAPM.CLS.*``), the (EAPM) balanced L1 box loss and EAPM regression with the
+    IoU losses (giou / diou / ciou) are available, everything else is detectron2's.
 
     Args: those of ``StandardROIHeads``; ``box_predictor`` must be an
     ``EAPMFastRCNNOutputLayers`` (``TypeError`` otherwise). From a config the predictor is
