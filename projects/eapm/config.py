@@ -22,12 +22,21 @@ from detectron2.config import CfgNode as CN
 __all__ = [
     "ConfigFileError",
     "invalid",
+    "default_config",
     "add_eapm_config",
     "add_module_configs",
     "config_file_chain",
     "import_modules",
     "merge_config_file",
 ]
+
+
+def default_config() -> CN:
+    """detectron2's yacs defaults with this project's keys (``add_eapm_config``): also the
+    defaults of the ``train`` keys a LazyConfig leaves out."""
+    from detectron2.config import get_cfg
+
+    return add_eapm_config(get_cfg())
 
 
 def invalid(key: str, value: Any, msg: str) -> ValueError:

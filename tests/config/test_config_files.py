@@ -9,7 +9,7 @@ import os
 import pytest
 
 from eapm.config import ConfigFileError, config_file_chain
-from eapm.engine.lazy import load_lazy_config
+from eapm.lazy import load_lazy_config
 from eapm.validation import load_config
 from tests.helpers import CONFIGS, run_train_net
 

@@ -11,7 +11,7 @@ import pytest
 from detectron2.config import LazyConfig
 
 from eapm.data import DatasetError, check_category_counts, register_coco_json
-from eapm.engine.lazy import _num_classes
+from eapm.lazy import _num_classes
 from eapm.validation import check_datasets_fit_model, keys_read_by_model, load_config
 from tests.helpers import CONFIGS, dump, make_coco
 

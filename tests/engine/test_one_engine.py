@@ -325,7 +325,7 @@ def test_yacs_and_lazy_clip_the_same(clip_type):
             os.path.join(CONFIGS, "quickstart", "eapm_retinanet.py"),
             [f"train.clip_gradients.clip_type={kind}"],
         )
-        lazy.build_optimizer(cfg, lazy_model).step()
+        build_optimizer(cfg, lazy_model).step()  # the one builder, for either config system
         _assert_same(_params(yacs_model), _params(lazy_model))
         _assert_same(_grads(yacs_model), _grads(lazy_model))
         steps[kind] = _grads(yacs_model)

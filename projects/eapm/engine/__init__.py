@@ -4,16 +4,16 @@ spellings of one run.
 * ``hooks``: ``ResumeState`` (exact resume: random generators, EMA loss normalisers,
   loader position) and ``PreemptibleCheckpointer`` (preemption signals agreed across
   processes, one checkpoint, exit with the configured status), for any detectron2 trainer;
-* ``solver``: the optimizer of yacs configs and the one gradient clipping
-  (``clip_gradients``: "value", "norm", "full_model") of both;
+* ``solver``: the optimizer (``build_optimizer``) and the one gradient clipping
+  (``clip_gradients``: "value", "norm", "full_model") of both config systems;
 * ``launch``: the workers' launch, the launcher's half of preemption (``preemption_exit``)
   and ``create_ddp_model`` (DistributedDataParallel, also of CPU models);
-* ``trainer``: ``EAPMTrainer``, detectron2's DefaultTrainer for yacs configs;
-* ``lazy``: the LazyConfig loop (also importable as ``eapm.lazy``; not imported here).
+* ``trainer``: ``EAPMTrainer``, detectron2's DefaultTrainer for yacs configs.
 
-The LazyConfig loop registers the same hooks, builds the same clipping and
-the same DDP, and its configs use the same loader (``eapm.data.resumable``); checkpoints are
-written by ``eapm.checkpoint.EAPMCheckpointer`` on both paths.
+The LazyConfig loop (``eapm.lazy``, above the engine) registers the same hooks, builds the
+same clipping and the same DDP, and its configs use the same loader
+(``eapm.data.resumable``); checkpoints are written by ``eapm.checkpoint.EAPMCheckpointer``
+on both paths.
 """
 
 from .hooks import Preempted, PreemptibleCheckpointer, ResumeState, preemption_signals

@@ -11,9 +11,10 @@ optimizer clip the gradients before every step:
   at most ``clip_value`` (``torch.nn.utils.clip_grad_norm_`` over all of them; mmdetection's
   ``grad_clip`` and Mask2Former's CLIP_TYPE "full_model").
 
-yacs: ``SOLVER.CLIP_GRADIENTS`` (``clip_kwargs(cfg)``), applied by ``build_optimizer`` to
-both optimizers (SOLVER.OPTIMIZER "SGD": detectron2's; "ADAMW"). LazyConfig: the dict
-``train.clip_gradients`` holds the same four arguments (``eapm.lazy.build_optimizer``).
+``build_optimizer(cfg, model)`` builds the optimizer of either config system with it
+(``clip_kwargs(cfg)``): yacs' ``SOLVER.CLIP_GRADIENTS`` for SOLVER.OPTIMIZER "SGD"
+(detectron2's) or "ADAMW"; a LazyConfig's ``optimizer`` (instantiated) with the dict
+``train.clip_gradients`` of the same four arguments (missing ones: yacs' defaults).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.solver import build_optimizer as _d2_build_optimizer
 from detectron2.solver import get_default_optimizer_params
 
@@ -70,7 +72,12 @@ def clip_gradients(
 
 
 def clip_kwargs(cfg) -> dict:
-    """``clip_gradients``'s keyword arguments from a yacs config's SOLVER.CLIP_GRADIENTS."""
+    """``clip_gradients``'s keyword arguments: a yacs config's SOLVER.CLIP_GRADIENTS, or a
+    LazyConfig's ``train.clip_gradients`` over yacs' defaults."""
+    if not isinstance(cfg, CfgNode):
+        from ..config import default_config
+
+        return {**clip_kwargs(default_config()), **(cfg.train.get("clip_gradients", None) or {})}
     c = cfg.SOLVER.CLIP_GRADIENTS
     return dict(
         enabled=c.ENABLED, clip_type=c.CLIP_TYPE, clip_value=c.CLIP_VALUE, norm_type=c.NORM_TYPE
@@ -104,10 +111,12 @@ def check_solver_config(cfg) -> None:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of a yacs config: detectron2's SGD (SOLVER.OPTIMIZER "SGD"; its
-    parameter groups, momentum, Nesterov and weight decay) or AdamW ("ADAMW"; the same
-    parameter groups, SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY), with the gradient clipping of
-    SOLVER.CLIP_GRADIENTS (``clip_gradients``)."""
+    """The optimizer of a config, with its gradient clipping (``clip_kwargs``): for a yacs
+    config detectron2's SGD (SOLVER.OPTIMIZER "SGD"; its parameter groups, momentum, Nesterov
+    and weight decay) or AdamW ("ADAMW"; the same parameter groups, SOLVER.BASE_LR and
+    SOLVER.WEIGHT_DECAY); for a LazyConfig ``cfg.optimizer`` instantiated for ``model``."""
+    if not isinstance(cfg, CfgNode):
+        return clip_gradients(_instantiate_optimizer(cfg, model), **clip_kwargs(cfg))
     if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
         raise ValueError(
             f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {cfg.SOLVER.OPTIMIZER!r}"
@@ -129,3 +138,18 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
         )
     return clip_gradients(optimizer, **clip_kwargs(cfg))
+
+
+def _instantiate_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from detectron2.config import instantiate
+    from omegaconf import ListConfig
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    # instantiate passes list arguments (AdamW's betas) as omegaconf ListConfigs: plain
+    # tuples as on the yacs path, so that checkpoints hold data only
+    for group in [optimizer.defaults, *optimizer.param_groups]:
+        for key, value in group.items():
+            if isinstance(value, ListConfig):
+                group[key] = tuple(value)
+    return optimizer
