@@ -20,9 +20,9 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from eapm.model_zoo import REPO_ROOT as REPO  # the one owner
 from eapm.utils.testing import grad_norms, make_batch, tiny_cfg  # noqa: F401  (re-exported)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 TOOLS = os.path.join(REPO, "tools")
 

@@ -80,11 +80,9 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from eapm.model_zoo import REPO_ROOT as REPO
 from eapm.utils import stats
 from eapm.utils.results import read_results
-
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
 
 
 class Variant(NamedTuple):

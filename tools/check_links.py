@@ -21,6 +21,7 @@ import re
 import sys
 from typing import Dict, List, Set, Tuple
 
+# computed here, not imported from eapm.model_zoo: this check reads markdown and imports nothing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INLINE = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFDEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$")

@@ -22,6 +22,7 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
+# computed here, not imported from eapm.model_zoo: this tool reads the source and imports nothing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "projects", "eapm", "config.py")
 HEADER = re.compile(r"^#\s*-{3,}\s*(.*?)\s*-*\s*$")

@@ -46,6 +46,7 @@ from eapm.losses import (
     sigmoid_focal_loss,
 )
 
+# computed here, not imported from eapm.model_zoo: this tool needs eapm.losses only (pure torch)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUS = (1.0, 1.5, 2.0)
 THETAS = (1.0, 1.5, 2.0)

@@ -31,11 +31,11 @@ __all__ = [
     "get",
 ]
 
+# the root of a source checkout (projects/eapm/ is two levels below it): the one place that
+# computes it (tools, tests and eapm.utils.testing import it); meaningless in an installed wheel
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-_CHECKOUT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
-CONFIGS_DIR = _PACKAGED if os.path.isdir(_PACKAGED) else _CHECKOUT
+CONFIGS_DIR = _PACKAGED if os.path.isdir(_PACKAGED) else os.path.join(REPO_ROOT, "configs")
 _CONFIG_EXTS = (".yaml", ".py")
 
 

@@ -19,7 +19,8 @@ from . import register
 def run(args, reporter) -> None:
     import tempfile
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from eapm.model_zoo import REPO_ROOT as repo
+
     tmp = tempfile.mkdtemp(prefix="eapm_bench_resume_")
     base = [
         sys.executable,

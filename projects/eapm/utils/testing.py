@@ -12,7 +12,6 @@ when unique, or by absolute path.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -30,12 +29,9 @@ __all__ = [
     "HostSyncCounter",
 ]
 
-REPO_ROOT = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-)
-# the repository's configs/ in a checkout, the packaged copy in an installed wheel; config
-# names resolved by eapm.model_zoo (its one owner)
-from ..model_zoo import CONFIGS_DIR, get_config_file  # noqa: E402
+# the repository's root and configs/ in a checkout (the packaged copy of configs/ in an
+# installed wheel); config names resolved by eapm.model_zoo (their one owner)
+from ..model_zoo import CONFIGS_DIR, REPO_ROOT, get_config_file  # noqa: E402
 
 
 def repo_cfg(config_file: Optional[str] = None, *opts):
