@@ -29,7 +29,7 @@ from detectron2.modeling import (
 )
 
 from . import modeling  # noqa: F401  (registers the classes built below)
-from .config import add_eapm_config, add_module_configs, import_modules, invalid, merge_config_file
+from .config import add_module_configs, default_config, import_modules, invalid, merge_config_file
 from .data import check_category_counts, check_data_config
 from .engine.hooks import check_preemption_config
 from .engine.solver import check_solver_config
@@ -64,10 +64,8 @@ def load_config(
     ``DATASETS.COCO_JSON``, then ``validate_config``d (``training``: a training job's checks
     too; ``world_size``: ``--num-gpus x --num-machines``). Cheap: a bad value fails in seconds.
     MODEL.DEVICE falls back to "cpu" without CUDA. Returns the config, not yet frozen."""
-    modules = import_modules(imports)
-    cfg = get_cfg()
-    add_eapm_config(cfg)
-    add_module_configs(cfg, modules)
+    modules = import_modules(imports)  # first: they may register classes the defaults name
+    cfg = add_module_configs(default_config(), modules)
     merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
@@ -179,7 +177,7 @@ def _key_of(msg: str, reads: Dict[str, Any]) -> Optional[str]:
 # --- switches that no class of the model reads
 def _project_switches(cfg: CN):
     """The keys this project adds (``add_eapm_config``) named ``ENABLED``."""
-    ours, plain = add_eapm_config(get_cfg()), get_cfg()
+    ours, plain = default_config(), get_cfg()
 
     def leaves(node, prefix=""):
         for k, v in node.items():
@@ -238,9 +236,6 @@ def _readers(cfg: CN, wanted: str, names) -> str:
 def check_datasets_fit_model(cfg: CN) -> None:
     """``eapm.data.check_category_counts`` of DATASETS.TRAIN / TEST against the class counts
     the chosen model reads (``*.NUM_CLASSES``, ``keys_read_by_model``)."""
-    classes = {
-        k: v
-        for k, v in keys_read_by_model(cfg).items()
-        if k.split(".")[-1] == "NUM_CLASSES" and k != "MODEL.SEM_SEG_HEAD.NUM_CLASSES"  # stuff
-    }
+    reads = keys_read_by_model(cfg)
+    classes = {k: reads[k] for k in reads if k.endswith(".NUM_CLASSES") and "SEM_SEG" not in k}
     check_category_counts([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST], classes)

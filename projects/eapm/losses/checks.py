@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from functools import partial
 from typing import Any, Sequence
 
-__all__ = ["is_number", "check_number", "check_choice"]
+__all__ = ["is_number", "check_number", "check_choice", "rule", "choice"]
 
 
 def is_number(value: Any, integer: bool = False) -> bool:
@@ -57,3 +58,15 @@ def check_choice(value: Any, name: str, choices: Sequence) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def rule(name: str, lo: float = -math.inf, hi: float = math.inf, **kwargs):
+    """A constructor's rule for one argument: ``check(value)`` = ``check_number(value, name,
+    lo, hi, **kwargs)`` (``lo_open`` / ``hi_open`` / ``integer``)."""
+    return partial(check_number, name=name, lo=lo, hi=hi, **kwargs)
+
+
+def choice(name: str, choices: Sequence):
+    """A constructor's rule for one argument: ``check(value)`` = ``check_choice(value, name,
+    choices)``."""
+    return partial(check_choice, name=name, choices=choices)

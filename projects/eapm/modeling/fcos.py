@@ -27,6 +27,7 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
 
+from ..losses.checks import choice, rule
 from ..upstream import adapted_from
 from .backbone import fpn_from_config
 from .common import dense_loss_normalizer, model_focal_loss_sum, weighted_loss
@@ -35,10 +36,8 @@ from .keys import (
     check_eapm_cls_mu,
     check_histogram_period,
     check_loss_normalizer,
-    choice,
     eapm_strength_from_config,
     kernel_args_from_config,
-    rule,
 )
 
 __all__ = ["EAPMFCOS", "build_fcos_resnet_fpn_backbone", "FCOS_BOX_LOSSES"]

@@ -6,39 +6,17 @@ disabled EAPM switch gives strength 0.0: 0 is the one way to say "off".
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Dict, Tuple
 
 from ..losses import check_eapm_param
-from ..losses.checks import check_choice, check_number
+from ..losses.checks import choice, rule
 
 __all__ = [
-    "rule",
-    "choice",
-    "LOSS_NORMALIZERS",
-    "BOX_REG_LOSSES",
-    "check_loss_normalizer",
-    "check_histogram_period",
-    "check_cls_loss_weight",
-    "check_eapm_cls_mu",
-    "check_eapm_reg_theta",
-    "check_eapm_rpn_mu",
-    "eapm_strength_from_config",
-    "balanced_l1_from_config",
-    "kernel_args_from_config",
-]
-
-
-def rule(name: str, lo: float = -math.inf, hi: float = math.inf, **kwargs):
-    """``check(value)``: ``value`` must be a number from ``lo`` to ``hi`` (``check_number``,
-    with its ``lo_open`` / ``hi_open`` / ``integer``); returns it as a float (an int)."""
-    return partial(check_number, name=name, lo=lo, hi=hi, **kwargs)
-
-
-def choice(name: str, choices: Tuple):
-    """``check(value)``: ``value`` must be one of ``choices`` (``check_choice``)."""
-    return partial(check_choice, name=name, choices=choices)
+    "LOSS_NORMALIZERS", "BOX_REG_LOSSES", "check_loss_normalizer", "check_histogram_period",
+    "check_cls_loss_weight", "check_eapm_cls_mu", "check_eapm_reg_theta", "check_eapm_rpn_mu",
+    "eapm_strength_from_config", "balanced_l1_from_config", "kernel_args_from_config",
+]  # fmt: skip
 
 
 # how the dense heads normalise their losses (MODEL.LOSS_NORMALIZER.TYPE)

@@ -19,6 +19,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import get_event_storage
 
 from ..losses import GHMC, GHMR, check_balanced_l1_params, check_ghm_params
+from ..losses.checks import choice
 from ..upstream import adapted_from
 from .common import (
     box_reg_balanced_l1,
@@ -37,7 +38,6 @@ from .keys import (
     check_eapm_reg_theta,
     check_histogram_period,
     check_loss_normalizer,
-    choice,
     eapm_strength_from_config,
     kernel_args_from_config,
 )

@@ -59,6 +59,7 @@ from ..losses import (
     gap_over_sum,
     modulating_factor,
 )
+from ..losses.checks import choice, rule
 from ..upstream import adapted_from
 from .common import IOU_BOX_LOSSES, box_reg_balanced_l1, check_eapm_box_loss, eapm_iou_box_loss
 from .keys import (
@@ -67,10 +68,8 @@ from .keys import (
     check_eapm_cls_mu,
     check_eapm_reg_theta,
     check_histogram_period,
-    choice,
     eapm_strength_from_config,
     kernel_args_from_config,
-    rule,
 )
 from .sampling import instance_balanced_positives, iou_balanced_negatives, random_subset
 
