@@ -74,3 +74,19 @@ def test_iou_balanced_floor_thresh_must_be_finite_and_at_most_one(tmp_path, valu
     )
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.IOU_BALANCED_FLOOR_THRESH"):
         load_config(str(path))
+
+
+def test_base_configs_build_on_each_other():
+    """The Base-*.yaml of a folder build on each other with _BASE_: only the roots
+    (Base-RetinaNet, Base-RCNN-FPN, Base-Shapes) stand alone; the FCOS base inherits
+    Base-RetinaNet's anchor and RetinaNet keys, which the FCOS model never reads."""
+    roots = {"Base-RetinaNet.yaml", "Base-RCNN-FPN.yaml", "Base-Shapes.yaml"}
+    for folder, _, names in os.walk(CONFIGS):
+        for name in sorted(n for n in names if n.startswith("Base-") and n.endswith(".yaml")):
+            chain = config_file_chain(os.path.join(folder, name))
+            assert (len(chain) == 1) == (name in roots), (name, chain)
+    from eapm.validation import keys_read_by_model
+
+    cfg = load_config(os.path.join(CONFIGS, "COCO-Detection", "fcos_R_50_FPN_1x.yaml"))
+    assert cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA == 0.0  # inherited from Base-RetinaNet
+    assert not [k for k in keys_read_by_model(cfg) if "RETINANET" in k or "ANCHOR" in k]
