@@ -239,3 +239,53 @@ def eapm_iou_reference(t, t_star, theta, boxes, gt, box2box_transform, loss_type
     loss.backward()
     plain = fn(box2box_transform.apply_deltas(t, boxes), gt, reduction="sum")
     return {"loss": loss.detach(), "grad": leaf.grad, "plain": plain, "gos": gos, "mf": mf}
+
+
+# ---------------------------------------------------------------------------- runs on disk
+def copypaste_log(blocks) -> str:
+    """A detectron2 log.txt holding one "copypaste" bbox evaluation per (dataset, [AP, AP50,
+    AP75, APs, APm, APl]) of ``blocks``, in order."""
+    lines = ["[11/29 05:43:03 detectron2]: Rank of current process: 0. World size: 1"]
+    for ds, vals in blocks:
+        lines += [
+            f"[11/29 05:45:06 d2.engine.defaults]: Evaluation results for {ds} in csv format:",
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: Task: bbox",
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
+            "[11/29 05:45:06 d2.evaluation.testing]: copypaste: "
+            + ",".join(f"{v:.4f}" for v in vals),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def config_yaml(output_dir, test=("coco_2017_val",)) -> str:
+    """The part of a run's config.yaml that tools/collect_results.py reads."""
+    return (
+        "DATASETS:\n  TEST:\n"
+        + "".join(f"  - {t}\n" for t in test)
+        + f"OUTPUT_DIR: {output_dir}\nSEED: 1\n"
+    )
+
+
+# the EAPM diagnostics of a RetinaNet with EAPM focal loss and EAPM balanced L1
+EAPM_TAGS = (
+    "eapm/cls_dif_pos",
+    "eapm/cls_dif_neg",
+    "eapm/cls_mf_pos",
+    "eapm/cls_mf_neg",
+    "eapm/reg_gos",
+    "eapm/reg_mf",
+)
+
+
+def event_tags(folder):
+    """{(tag, plugin)} of every summary in the folder's TensorBoard event files."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags = set()
+    for f in glob.glob(os.path.join(str(folder), "events.out.tfevents.*")):
+        for ev in EventFileLoader(f).Load():
+            for v in ev.summary.value:
+                tags.add((v.tag, v.metadata.plugin_data.plugin_name))
+    return tags

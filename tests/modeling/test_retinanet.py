@@ -3,6 +3,7 @@ config validation, diagnostics."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,15 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from tests.helpers import CONFIGS, eapm_iou_reference, grad_norms, make_batch, tiny_cfg
+from tests.helpers import (
+    CONFIGS,
+    EAPM_TAGS,
+    eapm_iou_reference,
+    event_tags,
+    grad_norms,
+    make_batch,
+    tiny_cfg,
+)
 
 RETINA = "quickstart/retinanet.yaml"
 EAPM_RETINA = "quickstart/eapm_retinanet.yaml"
@@ -333,3 +342,35 @@ def test_coco_configs_build(name, mu):
         assert cfg.MODEL.EAPM.CLS.MU == float(mu)
     model = build_model(cfg)
     assert model.eapm_cls_mu == (0.0 if mu is None else float(mu))
+
+
+# ---------------------------------------------------------------------------- diagnostics
+@pytest.mark.parametrize("period", [0, 1])
+def test_eapm_histograms_reach_tensorboard_scalars_reach_metrics_json(tmp_path, period):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
+
+    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.EAPM.HISTOGRAM_PERIOD", period)
+    model = build_model(cfg)
+    model.train()
+    torch.manual_seed(0)
+    tb = TensorboardXWriter(str(tmp_path))
+    js = JSONWriter(str(tmp_path / "metrics.json"))
+    with EventStorage(0) as storage:
+        for it in range(2):
+            storage.iter = it
+            sum(model(make_batch(2, num_boxes=(3, 2), seed=it)).values()).backward()
+            storage.step()
+        tb.write()
+        js.write()
+    tb.close()
+    js.close()
+    tags = event_tags(tmp_path)
+    hist = {t for t, plugin in tags if plugin == "histograms"}
+    scalars = {t for t, plugin in tags if plugin == "scalars"}
+    assert set(EAPM_TAGS) <= scalars
+    assert hist == (set(EAPM_TAGS) if period else set())
+    # metrics.json takes the scalars only (detectron2's JSONWriter ignores histograms)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert all(k in lines[-1] for k in EAPM_TAGS)
+    assert all(isinstance(v, (int, float)) for line in lines for v in line.values())

@@ -23,15 +23,7 @@ from detectron2.utils.events import EventStorage
 
 import eapm
 from eapm.losses import eapm_binary_cross_entropy_with_logits, eapm_cross_entropy
-from tests.helpers import (
-    CONFIGS,
-    REPO,
-    eapm_iou_reference,
-    grad_norms,
-    load_tool,
-    make_batch,
-    tiny_cfg,
-)
+from tests.helpers import CONFIGS, eapm_iou_reference, grad_norms, make_batch, tiny_cfg
 
 MU = 1.5
 
@@ -617,37 +609,6 @@ def test_rcnn_lazy_twins_equal_yacs(path):
 
 
 # ------------------------------------------------------ tools/ablation.py two-stage variants
-def test_ablation_two_stage_variants(tmp_path, capsys):
-    tool = load_tool("ablation")
-    two = [
-        "faster_rcnn",
-        "faster_rcnn_eapm_mu1.0",
-        "faster_rcnn_eapm_mu1.5",
-        "faster_rcnn_eapm_mu2.0",
-    ]
-    assert list(tool.TWO_STAGE_VARIANTS) == two
-    assert tool.expand_variants("two_stage") == two
-    assert tool.expand_variants("retinanet,two_stage,faster_rcnn") == ["retinanet"] + two
-    assert tool.expand_variants("one_stage") == list(tool.VARIANTS)
-    with pytest.raises(ValueError, match="unknown variants \\['nope'\\]"):
-        tool.expand_variants("faster_rcnn,nope")
-    for name in two[1:]:
-        v = tool.ALL_VARIANTS[name]
-        assert v.reference == "faster_rcnn" and v.opts == ("MODEL.EAPM.CLS.MU", name[-3:])
-        # the variant's config (with its opts) is valid and differs from the reference in mu
-        cfg = eapm.load_config(os.path.join(REPO, v.config), list(v.opts))
-        assert cfg.MODEL.EAPM.CLS.ENABLED and cfg.MODEL.EAPM.CLS.MU == float(name[-3:])
-    assert tool.main(["--list"]) == 0
-    out = capsys.readouterr().out
-    assert "[two_stage]" in out and all(n in out for n in two)
-    args = ["--out", str(tmp_path), "--seeds", "2", "--iters", "50", "--dry-run"]
-    assert tool.main(args + ["--variants", "two_stage"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("train_net.py") == 2 * 4 and out.count("faster_rcnn_eapm_mu1.5.yaml") == 6
-    assert "MODEL.EAPM.CLS.MU 2.0" in out and "SOLVER.MAX_ITER 50" in out
-    # the default is still the one-stage set
-    assert tool.main(args) == 0
-    assert capsys.readouterr().out.count("train_net.py") == 2 * len(tool.VARIANTS)
 
 
 # ------------------------------------------- EAPM regression with detectron2's IoU losses
