@@ -1,6 +1,8 @@
 """pytest configuration: two threads per test process, the ``storage`` fixture
-(detectron2's event storage, which the models' diagnostics write to) and ``tiny_coco`` (a
-4-image COCO-json dataset for the tools' runs). The helpers the tests share live in
+(detectron2's event storage, which the models' diagnostics write to), ``two_stage_step`` (a
+tiny Faster R-CNN with EAPM RPN and EAPM box predictor after one training forward, for the
+float64 checks of both losses) and ``tiny_coco`` (a 4-image COCO-json dataset for the tools'
+runs). The helpers the tests share live in
 ``tests/helpers.py`` (those the tools use too, in ``eapm.utils.testing``)."""
 
 from __future__ import annotations
@@ -63,3 +65,42 @@ def tiny_coco(tmp_path_factory):
     js = root / "instances.json"
     js.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return str(js), str(imgs)
+
+
+@pytest.fixture(scope="module")
+def two_stage_step():
+    """A tiny Faster R-CNN with EAPM cross entropy in the box predictor (mu 2.0) and EAPM
+    binary cross entropy on the RPN objectness (mu 0.7), after one training forward: its
+    losses, what its RPN and box predictor losses saw, and the gradients of loss_rpn_cls /
+    loss_cls w.r.t. the raw objectness logits / class scores (test_rpn.py, test_roi_heads.py)."""
+    from detectron2.layers import cat
+    from detectron2.modeling import build_model
+
+    from tests.helpers import CLS_MU, RPN_MU, make_batch, record, tiny_cfg, train_forward
+
+    cfg = tiny_cfg(
+        "quickstart/faster_rcnn_eapm_mu1.5.yaml",
+        "MODEL.ROI_HEADS.NUM_CLASSES", 4,
+        "MODEL.PROPOSAL_GENERATOR.NAME", "EAPMRPN",
+        "MODEL.EAPM.RPN.ENABLED", True,
+        "MODEL.EAPM.RPN.MU", RPN_MU,
+        "MODEL.EAPM.CLS.MU", CLS_MU,
+        "MODEL.EAPM.COMPILE", False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    rpn_seen = record(model.proposal_generator, "losses")
+    roi_seen = record(model.roi_heads.box_predictor, "losses")
+    out = train_forward(model, make_batch(2, size=64, num_boxes=(3, 1), num_classes=4, seed=1))
+    _, logits, gt_labels, _, _ = rpn_seen["args"]
+    (scores, _), proposals = roi_seen["args"]
+    return {
+        "cfg": cfg,
+        "out": out,
+        "logits": [x.detach() for x in logits],
+        "gt_labels": gt_labels,
+        "scores": scores.detach(),
+        "classes": cat([p.gt_classes for p in proposals], dim=0),
+        "grad_logits": torch.autograd.grad(out["loss_rpn_cls"], logits, retain_graph=True),
+        "grad_scores": torch.autograd.grad(out["loss_cls"], scores),
+    }

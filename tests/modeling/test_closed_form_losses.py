@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.layers import cat
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes
@@ -37,7 +35,6 @@ from detectron2.utils.events import EventStorage
 
 from tests.helpers import make_batch, record, tiny_cfg
 
-RPN_MU, CLS_MU = 0.7, 2.0
 MU, THETA = 1.3, 0.7
 FOCAL = dict(alpha=0.3, gamma=1.7)
 BL1 = dict(alpha=0.4, gamma=1.8, beta=0.6)
@@ -191,80 +188,3 @@ def test_retinanet_eapm_focal_and_balanced_l1_value_and_gradient_float64():
 
 
 # ------------------------------------------------------------------ Faster R-CNN + EAPM RPN
-@pytest.fixture(scope="module")
-def two_stage():
-    """A tiny Faster R-CNN with EAPM cross entropy in the box predictor (mu 2.0) and EAPM
-    binary cross entropy on the RPN objectness (mu 0.7), after one training forward: its
-    losses, what its RPN and box predictor losses saw, and the gradients of loss_rpn_cls /
-    loss_cls w.r.t. the raw objectness logits / class scores."""
-    cfg = tiny_cfg(
-        "quickstart/faster_rcnn_eapm_mu1.5.yaml",
-        "MODEL.ROI_HEADS.NUM_CLASSES", 4,
-        "MODEL.PROPOSAL_GENERATOR.NAME", "EAPMRPN",
-        "MODEL.EAPM.RPN.ENABLED", True,
-        "MODEL.EAPM.RPN.MU", RPN_MU,
-        "MODEL.EAPM.CLS.MU", CLS_MU,
-        "MODEL.EAPM.COMPILE", False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    rpn_seen = record(model.proposal_generator, "losses")
-    roi_seen = record(model.roi_heads.box_predictor, "losses")
-    out = _train_forward(model, make_batch(2, size=64, num_boxes=(3, 1), num_classes=4, seed=1))
-    _, logits, gt_labels, _, _ = rpn_seen["args"]
-    (scores, _), proposals = roi_seen["args"]
-    return {
-        "cfg": cfg,
-        "out": out,
-        "logits": [x.detach() for x in logits],
-        "gt_labels": gt_labels,
-        "scores": scores.detach(),
-        "classes": cat([p.gt_classes for p in proposals], dim=0),
-        "grad_logits": torch.autograd.grad(out["loss_rpn_cls"], logits, retain_graph=True),
-        "grad_scores": torch.autograd.grad(out["loss_cls"], scores),
-    }
-
-
-def test_eapm_rpn_objectness_loss_at_the_rpn_mu_float64(two_stage):
-    """loss_rpn_cls is EAPM binary cross entropy at MODEL.EAPM.RPN.MU (0.7, not the ROI
-    heads' MODEL.EAPM.CLS.MU 2.0) over the sampled anchors, summed and divided by
-    RPN.BATCH_SIZE_PER_IMAGE x images; its gradient w.r.t. the objectness logits is the
-    BCE gradient at the modulated logit, 0 for anchors not sampled."""
-    cfg, out = two_stage["cfg"], two_stage["out"]
-    labels = torch.stack(two_stage["gt_labels"])  # (N, A): 1, 0, -1 (not sampled)
-    sampled = labels >= 0
-    assert int((labels == 1).sum()) > 0 and int((labels == 0).sum()) > 0
-    assert int((~sampled).sum()) > 0
-    norm = cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE * labels.shape[0]
-    logits = cat(two_stage["logits"], dim=1)
-    x, t = logits[sampled].double(), labels[sampled].double()
-
-    value, grad = eapm_focal_sum(x, t, RPN_MU, alpha=-1.0, gamma=0.0)  # BCE: gamma 0, no alpha
-    # the BCE gradient at x' is sigmoid(x') - t = MF (p - t): the same in closed form
-    p = torch.sigmoid(x)
-    torch.testing.assert_close(grad, tanh_mf((p - t).abs(), RPN_MU) * (p - t))
-    want_grad = torch.zeros_like(logits, dtype=torch.float64)
-    want_grad[sampled] = grad / norm
-    _close(out["loss_rpn_cls"], value / norm)
-    _close(cat(two_stage["grad_logits"], dim=1), want_grad)
-    # the value at the classification mu is far off: the RPN reads its own strength
-    at_cls_mu = eapm_focal_sum(x, t, CLS_MU, alpha=-1.0, gamma=0.0)[0] / norm
-    _misses(out["loss_rpn_cls"], at_cls_mu)
-
-
-def test_roi_box_predictor_eapm_cross_entropy_value_and_gradient_float64(two_stage):
-    """loss_cls is the mean over the sampled ROIs of the cross entropy at the modulated
-    distribution (MODEL.EAPM.CLS.MU 2.0); its gradient w.r.t. the class scores is the cross
-    entropy's gradient there, MF (p - Y) / R."""
-    out, scores, classes = two_stage["out"], two_stage["scores"], two_stage["classes"]
-    k = two_stage["cfg"].MODEL.ROI_HEADS.NUM_CLASSES
-    assert (classes < k).any() and (classes == k).any()  # foreground and background ROIs
-    value, grad = eapm_ce_mean(scores, classes, CLS_MU)
-    _close(out["loss_cls"], value)
-    _close(two_stage["grad_scores"][0], grad)
-    # the gradient in closed form: MF (p - Y) per row, over R
-    p = torch.softmax(scores.double(), dim=1)
-    y = F.one_hot(classes, k + 1).double()
-    mf = tanh_mf(1 - (p * y).sum(1), CLS_MU)
-    torch.testing.assert_close(grad, mf[:, None] * (p - y) / len(classes))
-    _misses(out["loss_cls"], eapm_ce_mean(scores, classes, RPN_MU)[0])

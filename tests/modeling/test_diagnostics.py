@@ -154,28 +154,3 @@ def test_fcos_diagnostics_equal_direct_values(monkeypatch):
     onehot = F.one_hot(labels, k + 1)[..., :-1]
     check_cls(storage, hists, cls_reference(logits, onehot, MU))
     assert not any(key.startswith("eapm/reg") for key in storage.latest())  # FCOS: no EAPM box
-
-
-def test_libra_rcnn_diagnostics_equal_direct_values(monkeypatch):
-    cfg = tiny_cfg(
-        "quickstart/eapm_libra_rcnn.yaml",
-        "MODEL.EAPM.REG.THETA", THETA,
-        "MODEL.EAPM.HISTOGRAM_PERIOD", 1,
-        "MODEL.EAPM.COMPILE", False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    predictor = model.roi_heads.box_predictor
-    spread_box_predictions(predictor.bbox_pred)
-    seen = record(predictor, "losses")
-    storage, hists = run(model, make_batch(2, num_boxes=(4, 3)), monkeypatch)
-    (_, deltas), proposals = seen["args"]
-    k = predictor.num_classes
-    gt_classes = torch.cat([p.gt_classes for p in proposals])
-    fg = (gt_classes >= 0) & (gt_classes < k)
-    prop = torch.cat([p.proposal_boxes.tensor for p in proposals])[fg]
-    gt = torch.cat([p.gt_boxes.tensor for p in proposals])[fg]
-    pred = deltas.view(-1, k, 4)[fg, gt_classes[fg]]
-    transform = Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS)
-    check_reg(storage, hists, *reg_reference(pred, transform.get_deltas(prop, gt), THETA))
-    assert not any(key.startswith("eapm/cls") for key in storage.latest())  # no EAPM cls here
