@@ -454,20 +454,10 @@ def eapm_ce_mean(scores: torch.Tensor, labels: torch.Tensor, mu: float):
 
 # ---------------------------------------------------------------------------- diagnostics
 def forward_with_histograms(model, batch, monkeypatch):
-    """One training forward inside an EventStorage; returns (storage, {histogram tag:
-    the values put})."""
-    from detectron2.utils.events import EventStorage
-
+    """One training forward at seed 0 inside an EventStorage (``train_step`` without its
+    backward); returns (storage, {histogram tag: the values put})."""
     hists = {}
-
-    def put_histogram(self, tag, values, bins=1000):
-        hists[tag] = values.detach().clone()
-
-    monkeypatch.setattr(EventStorage, "put_histogram", put_histogram)
-    model.train()
-    torch.manual_seed(0)
-    with EventStorage(0) as storage:
-        model(batch)
+    _, storage = train_step(model, batch, hists, monkeypatch, backward=False)
     return storage, hists
 
 
@@ -709,3 +699,97 @@ def load_config_raises(path, opts, pattern):
 
     with pytest.raises(ValueError, match=pattern):
         eapm.load_config(os.path.join(CONFIGS, path), list(opts))
+
+
+# ---------------------------------------------------------------------------- dense detectors
+
+
+def build_for_training(cfg, state=None):
+    """The model of ``cfg`` built at seed 0 (with the weights ``state`` when given), in
+    training mode."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    model.train()
+    return model
+
+
+def losses_and_grads(model, batch, key):
+    """The loss dict and the gradient of ``loss[key]`` alone for every parameter (None where
+    it does not reach)."""
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):
+        losses = model(batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(losses[key], params, allow_unused=True)
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def warm_up_focal(cfg, state, batch, key) -> None:
+    """One throwaway step of a fresh model: fvcore's focal loss is TorchScript, whose first
+    (profiling) call rounds differently from the optimised ones after it (measured: gradients
+    1e-11 apart); every compared call is then an optimised one."""
+    losses_and_grads(build_for_training(cfg, state), batch, key)
+
+
+# ---------------------------------------------------------------------------- GHM
+# the reference: mmdetection's rule written out element by element in float64
+def ref_edges(bins, last):
+    """float32 edges i / bins as mmdetection builds them (torch.arange(bins + 1).float() /
+    bins), computed here with numpy's float32 division; the last raised by 1e-6 (GHM-C)
+    or set to 1e3 (GHM-R)."""
+    e = [float(np.float32(i) / np.float32(bins)) for i in range(bins + 1)]
+    e[-1] = float(np.float32(e[-1]) + np.float32(1e-6)) if last is None else last
+    return e
+
+
+class RefGHM:
+    """One GHM module's state and its loss, in plain Python float64 loops."""
+
+    def __init__(self, bins, momentum, last=None):
+        self.bins, self.m, self.edges = bins, momentum, ref_edges(bins, last)
+        self.acc = [0.0] * bins
+
+    def weights(self, g, valid):
+        tot = max(sum(valid), 1.0)
+        w = [0.0] * len(g)
+        n = 0
+        for i in range(self.bins):
+            inds = [
+                k for k in range(len(g)) if valid[k] and self.edges[i] <= g[k] < self.edges[i + 1]
+            ]
+            if inds:
+                n += 1
+                if self.m > 0:
+                    self.acc[i] = self.m * self.acc[i] + (1 - self.m) * len(inds)
+                    wi = tot / self.acc[i]
+                else:
+                    wi = tot / len(inds)
+                for k in inds:
+                    w[k] = wi
+        if n:
+            w = [x / n for x in w]
+        return w, tot
+
+    def ghmc(self, x, t, valid):
+        """(loss, d loss / d x) of GHM-C."""
+        p = [1 / (1 + math.exp(-v)) for v in x]
+        g = [abs(pi - ti) for pi, ti in zip(p, t)]
+        w, tot = self.weights(g, valid)
+        bce = [max(v, 0) - v * ti + math.log1p(math.exp(-abs(v))) for v, ti in zip(x, t)]
+        loss = sum(wi * b for wi, b in zip(w, bce)) / tot
+        grad = [wi * (pi - ti) / tot for wi, pi, ti in zip(w, p, t)]
+        return loss, grad
+
+    def ghmr(self, x, t, valid, mu):
+        d = [a - b for a, b in zip(x, t)]
+        root = [math.sqrt(v * v + mu * mu) for v in d]
+        g = [abs(v) / r for v, r in zip(d, root)]
+        w, tot = self.weights(g, valid)
+        loss = sum(wi * (r - mu) for wi, r in zip(w, root)) / tot
+        grad = [wi * v / r / tot for wi, v, r in zip(w, d, root)]
+        return loss, grad
