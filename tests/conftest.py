@@ -1,5 +1,6 @@
 """pytest configuration: two threads per test process, the ``storage`` fixture
-(detectron2's event storage, which the models' diagnostics write to), ``two_stage_step`` (a
+(detectron2's event storage, which the models' diagnostics write to), ``one_thread`` (torch on
+one thread for the test), ``two_stage_step`` (a
 tiny Faster R-CNN with EAPM RPN and EAPM box predictor after one training forward, for the
 float64 checks of both losses) and ``tiny_coco`` (a 4-image COCO-json dataset for the tools'
 runs). The helpers the tests share live in
@@ -22,6 +23,15 @@ def storage():
 
     with EventStorage(0) as s:
         yield s
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run much faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -96,6 +96,34 @@ def dump(coco: Dict, path: str) -> str:
     return path
 
 
+def dataset_in(tmp_path, num_images=3, **kw):
+    """(a ``make_coco`` dataset of ``num_images`` images in ``tmp_path``/imgs, that folder)."""
+    coco = make_coco(str(tmp_path), "imgs", num_images=num_images, **kw)
+    return coco, str(tmp_path / "imgs")
+
+
+def truncate_file(path: str, keep: float = 0.5) -> None:
+    """Cuts the file ``path`` to the fraction ``keep`` of its bytes."""
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def dataset_cfg(entries, train=(), test=(), embedded=""):
+    """The project's config with the COCO-json datasets ``entries`` ([name, json, image root])
+    and the ``train`` / ``test`` datasets of a run."""
+    from detectron2.config import get_cfg
+
+    from eapm.config import add_eapm_config
+
+    cfg = get_cfg()
+    add_eapm_config(cfg)
+    cfg.DATASETS.COCO_JSON = [list(e) for e in entries]
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
+    cfg.DATASETS.EMBEDDED_ROOT = embedded
+    return cfg
+
+
 def tiny_datasets(root: str) -> List[str]:
     """A train (8 images, one without boxes) and a val (4 images) split under ``root``;
     returns the ``--register-coco`` arguments of both (names tiny_train / tiny_val)."""

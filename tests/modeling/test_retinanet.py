@@ -21,6 +21,7 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 from eapm.losses import eapm_balanced_l1_loss, eapm_sigmoid_focal_loss
+from eapm.utils.testing import repo_cfg
 from tests.helpers import (
     CONFIGS,
     DISTINCT_BL1,
@@ -816,3 +817,166 @@ def test_ghm_on_fcos_is_rejected_and_constructor_checks():
     cfg = tiny_cfg("quickstart/retinanet.yaml", *GHM_OPTS, "MODEL.GHM.CLS.BINS", 0)
     with pytest.raises(ValueError, match="bins"):
         build_model(cfg)
+
+
+# -------------------------------------------------------------- mixed precision, determinism
+
+
+def test_eapm_retinanet_under_bf16_autocast(one_thread):
+    """Forward + backward of EAPMRetinaNet (EAPM focal + EAPM balanced L1) under CPU
+    bf16 autocast: the head's outputs are bf16, the losses float32 and finite, every
+    parameter's gradient finite, non-zero in head and backbone, the losses close to float32's.
+
+    The images are 128 px, not 64: at 64 px P7's conv (3x3, stride 2, padding 1) gets a
+    1x1 input, and for a bf16 convolution whose input is 1 px wide with stride 2 the
+    backward-weights kernel of oneDNN 3.3.6 (torch 2.3.1, AVX-512 CPUs: ``jit_bf16:
+    avx512_core_bf16``) leaves the padding columns' weight gradients uninitialised: P7's
+    gradient then held whatever memory oneDNN read (non-finite in some runs, whatever the
+    test order or seed). At 128 px every stride-2 convolution sees at least 2 px."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)  # the initial weights; the batch has its own generator
+    # the all-reduced normaliser (= this batch's positive count on one process) is stateless,
+    # unlike the EMA: both forward passes are divided by the same number
+    model = build_model(
+        tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce")
+    )
+    batch = make_batch(2, size=128, num_boxes=(3, 1))
+    dtypes = []
+    model.head.register_forward_hook(lambda m, i, o: dtypes.append(o[0][0].dtype))
+    with EventStorage(0):
+        ref = {k: float(v) for k, v in model(batch).items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(batch)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert set(losses) == {"loss_cls", "loss_box_reg"}
+    for k, v in losses.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+        assert float(v) == pytest.approx(ref[k], rel=0.25), k
+    sum(losses.values()).backward()
+    norms = grad_norms(
+        model, ["head.cls_score", "head.bbox_pred", "head.cls_subnet", "backbone.bottom_up"]
+    )
+    for k, n in norms.items():
+        assert math.isfinite(n) and n > 0, (k, n)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert [n for n, g in grads.items() if not torch.isfinite(g).all()] == []
+
+
+def test_same_seed_same_first_losses(one_thread):
+    """Two model builds with the same seed (detectron2's seed_all_rng) give bit-identical
+    losses and gradients on the same batch; another seed gives other losses."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.events import EventStorage
+
+    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml")
+    batch = make_batch(2, num_boxes=(3, 1))
+
+    def run(seed):
+        seed_all_rng(seed)
+        model = build_model(cfg)
+        with EventStorage(0):
+            losses = model(batch)
+        sum(losses.values()).backward()
+        return {k: v.item() for k, v in losses.items()}, [
+            p.grad.clone() for p in model.parameters() if p.grad is not None
+        ]
+
+    (a, ga), (b, gb), (c, _) = run(1), run(1), run(2)
+    assert a == b
+    assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert a != c
+
+
+# ----------------------------------------------------------- the quickstart recipe's configs
+
+
+def test_recipe_0_3_config_is_the_recipe_before_0_4():
+    """configs/quickstart/eapm_retinanet_0.3.yaml rebuilds the quickstart model of 0.3
+    (detectron2's R-18 at width 64, contiguous memory, one loader worker) and the 0.4 / 0.5
+    recipe (eapm_retinanet_0.5.yaml) is a narrower network in channels-last, loading in the main
+    process; the rest (data, losses, schedule) is the same."""
+    from detectron2.modeling import build_model
+
+    old = repo_cfg("quickstart/eapm_retinanet_0.3.yaml", "MODEL.EAPM.COMPILE", False)
+    new = repo_cfg("quickstart/eapm_retinanet_0.5.yaml", "MODEL.EAPM.COMPILE", False)
+    assert old.MODEL.BACKBONE.NAME == "build_retinanet_resnet_fpn_backbone"
+    assert not old.MODEL.CHANNELS_LAST and new.MODEL.CHANNELS_LAST
+    assert new.MODEL.BACKBONE.NAME == "build_retinanet_slim_resnet_fpn_backbone"
+    torch.manual_seed(0)
+    n_old = sum(p.numel() for p in build_model(old).parameters())
+    n_new = sum(p.numel() for p in build_model(new).parameters())
+    assert n_new < n_old / 2
+    for key in ("SOLVER", "DATASETS", "INPUT", "SEED"):
+        assert old[key] == new[key], key
+    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (
+        1000,
+        (750, 900),
+        50,
+    )
+    # the batches do not depend on the number of workers (exactly resumable loader)
+    assert old.DATALOADER.NUM_WORKERS == 1 and new.DATALOADER.NUM_WORKERS == 0
+    assert new.DATALOADER.EXACT_RESUME
+    old.DATALOADER.NUM_WORKERS = new.DATALOADER.NUM_WORKERS
+    assert old.DATALOADER == new.DATALOADER
+    assert old.MODEL.EAPM == new.MODEL.EAPM and old.MODEL.RETINANET == new.MODEL.RETINANET
+    assert old.MODEL.ANCHOR_GENERATOR == new.MODEL.ANCHOR_GENERATOR
+
+
+def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
+    """eapm_retinanet_0.5.yaml is the quickstart with the head (two convs per tower) on P3-P7
+    (RetinaNet's FPN, P6 and P7 from res5) for 1000 iterations; the quickstart's head (one conv
+    per tower) reads P2-P6 (the R-CNN FPN on the same ResNet, P6 max-pooled) for 600. Nothing
+    else differs; the baseline is the same network; the LazyConfig twin follows the quickstart."""
+    from detectron2.config import LazyConfig
+
+    from eapm.utils.testing import get_config_file
+
+    old = repo_cfg("quickstart/eapm_retinanet_0.5.yaml")
+    new = repo_cfg("quickstart/eapm_retinanet.yaml")
+    base = repo_cfg("quickstart/retinanet.yaml")
+    assert new.MODEL.BACKBONE.NAME == base.MODEL.BACKBONE.NAME == "build_slim_resnet_fpn_backbone"
+    assert new.MODEL.RETINANET.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"]
+    assert old.MODEL.RETINANET.IN_FEATURES == ["p3", "p4", "p5", "p6", "p7"]
+    assert new.MODEL.RESNETS.OUT_FEATURES == new.MODEL.FPN.IN_FEATURES == [
+        "res2", "res3", "res4", "res5"
+    ]  # fmt: skip
+    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (600, (450, 540), 30)
+    assert (new.MODEL.RETINANET.NUM_CONVS, old.MODEL.RETINANET.NUM_CONVS) == (1, 2)
+    changed = {
+        "MODEL.BACKBONE.NAME", "MODEL.RESNETS.OUT_FEATURES", "MODEL.FPN.IN_FEATURES",
+        "MODEL.RETINANET.IN_FEATURES", "MODEL.RETINANET.NUM_CONVS", "SOLVER.MAX_ITER",
+        "SOLVER.STEPS",
+        "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "OUTPUT_DIR",
+    }  # fmt: skip
+
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            if hasattr(v, "items"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    assert {k for k in a if a[k] != b[k]} == changed
+    lazy = LazyConfig.load(get_config_file("quickstart/eapm_retinanet.py"))
+    assert lazy.train.channels_last is True
+    assert lazy.dataloader.train.num_workers == new.DATALOADER.NUM_WORKERS
+    assert lazy.model.head_in_features == new.MODEL.RETINANET.IN_FEATURES
+    assert lazy.model.backbone.in_features == new.MODEL.FPN.IN_FEATURES
+    assert lazy.model.anchor_generator.strides == [4, 8, 16, 32, 64]
+    assert lazy.model.head.conv_dims == [64] * new.MODEL.RETINANET.NUM_CONVS
+    assert lazy.train.max_iter == new.SOLVER.MAX_ITER
+    sched = lazy.lr_multiplier
+    assert sched.scheduler.milestones == list(new.SOLVER.STEPS)
+    assert sched.warmup_length * new.SOLVER.MAX_ITER == new.SOLVER.WARMUP_ITERS
+    stages = lazy.model.backbone.bottom_up.stages
+    assert (stages.stem_channels, stages.res2_channels) == (
+        new.MODEL.RESNETS.STEM_OUT_CHANNELS,
+        new.MODEL.RESNETS.RES2_OUT_CHANNELS,
+    )
