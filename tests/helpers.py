@@ -42,6 +42,12 @@ def load_tool(name: str):
     return mod
 
 
+def rel_err(a, b) -> float:
+    """|a - b| / |b| of two numbers (tensors of one element, floats or mpmath numbers)."""
+    a, b = float(a), float(b)
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
 SIZE = 64
 
 
