@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import socket
 import subprocess
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -827,3 +828,91 @@ class RefGHM:
         loss = sum(wi * (r - mu) for wi, r in zip(w, root)) / tot
         grad = [wi * v / r / tot for wi, v, r in zip(w, d, root)]
         return loss, grad
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+class Call:
+    """Pickles as the call ``func(*args)`` (a REDUCE): what a malicious file holds."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+    def __call__(self, *args):  # pickle wants the reduced function to be callable
+        raise AssertionError("never called")
+
+
+class WritesOnLoad(torch.nn.Module):
+    """A TorchScript module whose ``__setstate__`` (run by ``torch.jit.load``) creates the
+    file it names: the write primitive of a TorchScript checkpoint."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.mapped = torch.zeros(8, dtype=torch.uint8)
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool]):
+        self.path = state[0]
+        self.training = state[1]
+        self.mapped = torch.from_file(state[0], shared=True, size=8)  # creates the file
+
+    def forward(self, x):
+        return x
+
+
+def write_torchscript(path: str, marker: str) -> str:
+    torch.jit.save(torch.jit.script(WritesOnLoad(marker)), path)
+    os.remove(marker)  # scripting itself ran nothing, saving did not either: start clean
+    return path
+
+
+def evil_files(tmp_path, marker: str) -> Dict[str, str]:
+    """A TorchScript archive and a protocol-4 pickle payload, each as a .pth file."""
+    open(marker, "w").close()
+    ts = write_torchscript(str(tmp_path / "model_0000009.pth"), marker)
+    p4 = str(tmp_path / "p4.pth")
+    torch.save({"model": {}, "x": Call(os.system, f"touch {marker}")}, p4, pickle_protocol=4)
+    return {"torchscript": ts, "protocol 4": p4}
+
+
+class RunsCommand:
+    """Unpickling this runs ``touch <marker>`` (as a malicious checkpoint would)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_malicious(path: str, marker: str, protocol: int = pickle.HIGHEST_PROTOCOL) -> str:
+    """A checkpoint of the right shape whose loading would create ``marker``: ``.pkl`` as
+    detectron2's model zoo format, anything else as ``torch.save`` writes it."""
+    payload = {"model": {"w": np.ones(2, np.float32)}, "__author__": "x", "x": RunsCommand(marker)}
+    if path.endswith(".pkl"):
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=protocol)
+    else:
+        payload["model"] = {"w": torch.ones(2)}
+        torch.save(payload, path)
+    return path
+
+
+def last_checkpoint(out):
+    try:
+        return (out / "last_checkpoint").read_text().strip()
+    except OSError:
+        return ""
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
