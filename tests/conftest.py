@@ -1,10 +1,11 @@
-"""pytest configuration: two threads per test process, the ``storage`` fixture
-(detectron2's event storage, which the models' diagnostics write to), ``one_thread`` (torch on
-one thread for the test), ``two_stage_step`` (a
-tiny Faster R-CNN with EAPM RPN and EAPM box predictor after one training forward, for the
-float64 checks of both losses) and ``tiny_coco`` (a 4-image COCO-json dataset for the tools'
-runs). The helpers the tests share live in
-``tests/helpers.py`` (those the tools use too, in ``eapm.utils.testing``)."""
+"""pytest configuration: two threads per test process, and the fixtures the test files share:
+``storage`` (detectron2's event storage, which the models' diagnostics write to), ``one_thread``
+(torch on one thread for the test), ``initial_weights`` (the quickstart RetinaNet's initial
+weights, yacs and LazyConfig), ``two_stage_step`` (a tiny Faster R-CNN with EAPM RPN and EAPM box
+predictor after one training forward, for the float64 checks of both losses), ``tiny_coco`` (a
+4-image COCO-json dataset for the tools' runs), and the session's dataset-check cache. The
+helpers the tests share live in ``tests/helpers.py`` (those the tools use too, in
+``eapm.utils.testing``)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory):
+    """The quickstart RetinaNet's initial weights, saved from its yacs config and from its
+    LazyConfig twin: {"yaml": file, "lazy": file}."""
+    from tests.helpers import QUICKSTART_LAZY, QUICKSTART_YAML, save_initial_weights
+
+    root = tmp_path_factory.mktemp("weights")
+    return {
+        "yaml": save_initial_weights(QUICKSTART_YAML, str(root / "yaml_init")),
+        "lazy": save_initial_weights(QUICKSTART_LAZY, str(root / "lazy_init")),
+    }
 
 
 @pytest.fixture(autouse=True, scope="session")

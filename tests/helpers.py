@@ -278,6 +278,49 @@ def eapm_iou_reference(t, t_star, theta, boxes, gt, box2box_transform, loss_type
     return {"loss": loss.detach(), "grad": leaf.grad, "plain": plain, "gos": gos, "mf": mf}
 
 
+# ---------------------------------------------------------------------------- export
+# onnxruntime against the eager model (tests/test_export.py's docstring has the measurements)
+ONNX_BOX_ATOL = 1e-2  # pixels
+ONNX_SCORE_ATOL = 2e-4
+
+
+def require_module(module: str):
+    """The module; a skip where it is not installed, a failure under CI=true (the CI
+    environment has it: a skip there would hide that exports no longer run)."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} is not installed (CI=true): {e}")
+        pytest.skip(f"{module} is not installed")
+
+
+# ---------------------------------------------------------------------------- predictor
+QUICKSTART_YAML = "quickstart/eapm_retinanet.yaml"  # by its eapm.model_zoo name
+QUICKSTART_LAZY = os.path.join(CONFIGS, "quickstart", "eapm_retinanet.py")  # by its path
+
+
+def save_initial_weights(config: str, path: str) -> str:
+    """The weights of the randomly initialised model of ``config``, saved by EAPMCheckpointer
+    as ``path``.pth; returns that file."""
+    from eapm.checkpoint import EAPMCheckpointer
+    from eapm.model_zoo import build_model, get_config
+
+    model = build_model(get_config(config), "cpu")
+    folder, name = os.path.split(path)
+    EAPMCheckpointer(model, save_dir=folder).save(name)
+    return path + ".pth"
+
+
+def weights_opts(kind: str, path: str):
+    """The overrides that load the weights file ``path`` (kind "yaml" or "lazy")."""
+    return ["MODEL.WEIGHTS", path] if kind == "yaml" else [f"train.init_checkpoint={path}"]
+
+
 # ---------------------------------------------------------------------------- runs on disk
 def copypaste_log(blocks) -> str:
     """A detectron2 log.txt holding one "copypaste" bbox evaluation per (dataset, [AP, AP50,
