@@ -1,13 +1,19 @@
-"""The helpers the tests share (``from tests.helpers import ...``):
+"""The helpers the tests share (``from tests.helpers import ...``); fixtures are in
+``tests/conftest.py``:
 
 * the tiny configs, synthetic batches and gradient norms of ``eapm.utils.testing`` (the
   tools use those too; the tools never import the tests), re-exported;
 * ``REPO`` / ``CONFIGS``: the repository root and its configs folder; ``load_tool``: a
   script of ``tools/`` imported as a module;
-* ``eapm_iou_reference``: EAPM regression with an IoU loss computed by hand;
 * tiny COCO-json datasets written to a temporary folder, and train_net.py run as a
   subprocess on them with a tiny model, so that a run (model build, a few iterations,
-  COCO evaluation) takes seconds on two CPU cores."""
+  COCO evaluation) takes seconds on two CPU cores; run folders as the tools read them;
+* the detectors' references: the loss methods' arguments recorded, float64 formulas of the
+  EAPM losses written from the definitions, the diagnostics' values, EAPM regression with an
+  IoU loss by hand (``eapm_iou_reference``), GHM's rule in float64 loops (``RefGHM``);
+* the R-CNN configs and batches, their twins and training steps;
+* files that attack the checkpoint readers; the quickstart's initial weights; the export
+  tolerances."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""eapm/export.py: export of every EAPM detector (detectron2.export), each written file run by its runtime
-(``torch.jit.load`` after ``import torchvision``; onnxruntime) and compared with the eager
-model on the image it was traced on and on one it was not (other content, other size: every
-export here takes images of any size).
+"""eapm/export.py: export of every EAPM detector (detectron2.export), each written file run by
+its runtime (``torch.jit.load`` after ``import torchvision``; onnxruntime) and compared with the
+eager model on the image it was traced on and on one it was not (other content, other size:
+every export here takes images of any size).
 
 Tolerances. TorchScript runs the eager model's ATen kernels in the eager order: bitwise equal
 (measured 0.0 for every detector), so the TorchScript tests ask for exact equality.
