@@ -191,7 +191,7 @@ def export_tracing(model, image: torch.Tensor, output_dir: str, fmt: str = "torc
     start = time.perf_counter()
     with warnings.catch_warnings():
         # detectron2's shape asserts and branches warn while traced; the traced graphs of
-        # every EAPM detector are checked on images of other sizes (tests/modeling/test_export.py)
+        # every EAPM detector are checked on images of other sizes (tests/test_export.py)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         path = (_write_onnx if fmt == "onnx" else _write_torchscript)(adapter, image, output_dir)
     _check_outputs(adapter)

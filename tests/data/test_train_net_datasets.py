@@ -3,8 +3,8 @@ before the model is built, the last line of stderr a DatasetError naming the dat
 json file and the id / file at fault; the recoverable cases (grayscale, RGBA and 16-bit
 images, boxes partly outside the image, category ids from 0) train.
 
-The in-process checks of each case are in test_checks.py; test_robustness.py runs
-train_net.py on category ids from 0 with images without annotations."""
+The in-process checks of each case are in test_validate.py; train_net.py also runs on category
+ids from 0 with images without annotations (slow)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ import re
 import numpy as np
 import pytest
 
-from tests.helpers import dump, make_coco, read_metrics, run_train_net, tail, tiny_opts
+from tests.helpers import (
+    dump,
+    make_coco,
+    read_metrics,
+    run_train_net,
+    tail,
+    tiny_opts,
+    truncate_file,
+)
 
 QUICKSTART = os.path.join("configs", "quickstart", "eapm_retinanet.yaml")
-
-
-def _truncate(path: str, keep: float = 0.5) -> None:
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[: int(len(data) * keep)])
 
 
 def _as_jpeg(root: str, coco, index: int) -> str:
@@ -42,7 +44,7 @@ def _as_jpeg(root: str, coco, index: int) -> str:
 # is {js}); the case breaks the train split (the val split stays clean)
 def _truncated_jpeg(root, coco):
     path = _as_jpeg(root, coco, 2)
-    _truncate(path, 0.6)
+    truncate_file(path, 0.6)
     return rf"eapm\.data\.DatasetError: {{where}}image 3 '{re.escape(path)}' is corrupt or " \
         r"truncated \(OSError: image file is truncated.*\)"  # fmt: skip
 
@@ -83,7 +85,7 @@ def _missing_image(root, coco):
 
 def _corrupt_png(root, coco):
     path = os.path.join(root, "train", "002.png")
-    _truncate(path)
+    truncate_file(path)
     return rf"eapm\.data\.DatasetError: {{where}}image 3 '{re.escape(path)}' is corrupt or " \
         r"truncated \(.+\)"  # fmt: skip
 
@@ -212,3 +214,44 @@ def test_lazy_config_path_checks_a_registered_dataset_before_the_model(tmp_path)
     where = re.escape(f"Dataset 'tiny_train' ({js}): ")
     assert re.fullmatch(expected.format(where=where, js=re.escape(js)), last), last
     assert "Model:" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_ids_from_zero_and_images_without_annotations(tmp_path):
+    """train_net.py on a dataset with category ids {0, 3} where most images have no
+    annotation (FILTER_EMPTY_ANNOTATIONS False): trains with finite losses and writes
+    results with the file's category ids."""
+    root = str(tmp_path)
+    train = make_coco(
+        root, "train", num_images=6, seed=3, cat_ids=(0, 3), boxes_per_image=(2, 0, 0)
+    )
+    val = make_coco(root, "val", num_images=2, seed=4, cat_ids=(0, 3), boxes_per_image=(2,))
+    reg = [
+        "--register-coco",
+        "z_train",
+        dump(train, f"{root}/train.json"),
+        f"{root}/train",
+        "--register-coco",
+        "z_val",
+        dump(val, f"{root}/val.json"),
+        f"{root}/val",
+    ]
+    out = tmp_path / "out"
+    opts = tiny_opts(
+        str(out),
+        4,
+        str(tmp_path / "no_embedded"),
+        **{
+            "DATASETS.TRAIN": "('z_train',)",
+            "DATASETS.TEST": "('z_val',)",
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS": "False",
+            "MODEL.RETINANET.SCORE_THRESH_TEST": "0.0",
+        },
+    )
+    proc = run_train_net("--config-file", QUICKSTART, *reg, *opts, timeout=240)
+    assert proc.returncode == 0, tail(proc)
+    assert "Removed" not in (out / "log.txt").read_text()  # no image was filtered out
+    losses = [m["total_loss"] for m in read_metrics(str(out)) if "total_loss" in m]
+    assert losses and all(math.isfinite(v) for v in losses)
+    preds = json.loads((out / "inference" / "z_val" / "coco_instances_results.json").read_text())
+    assert preds and {p["category_id"] for p in preds} <= {0, 3}

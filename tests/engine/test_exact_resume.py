@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -30,6 +29,7 @@ from tests.helpers import (
     REPO,
     env,
     kill_group,
+    last_checkpoint,
     read_metrics,
     run_train_net,
     tail,
@@ -95,13 +95,6 @@ def _assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
-
-
-def _last_checkpoint(out):
-    try:
-        return (out / "last_checkpoint").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _start(args, extra_env=None):
@@ -188,13 +181,13 @@ def test_sigkill_after_periodic_checkpoint_then_resume_is_bitwise_identical(
     target = f"model_{2 * PERIOD - 1:07d}.pth"
     proc = _start(_args(tmp_path, out, processes, spelling))
     reached = _wait_for(
-        proc, lambda: _last_checkpoint(out) == target and _metrics_has(out, 2 * PERIOD - 1)
+        proc, lambda: last_checkpoint(out) == target and _metrics_has(out, 2 * PERIOD - 1)
     )
     kill_group(proc)
     assert reached, "no periodic checkpoint in time:\n" + proc.stderr.read()[-3000:]
     assert proc.returncode == -signal.SIGKILL
     # (a checkpoint being written at the kill is incomplete and not named in last_checkpoint)
-    assert _last_checkpoint(out) == target and not (out / "model_final.pth").exists()
+    assert last_checkpoint(out) == target and not (out / "model_final.pth").exists()
     before = {p.name: _md5(p) for p in out.glob("model_0*.pth") if p.name <= target}
     assert set(before) == {f"model_{PERIOD - 1:07d}.pth", target}
     metrics_before = (out / "metrics.json").read_text()
@@ -233,7 +226,7 @@ def test_sigterm_at_an_arbitrary_iteration_checkpoints_exits_75_and_resumes_exac
     err = _finish(proc)
     assert started, err[-3000:]
     assert proc.returncode == 75, err[-3000:]
-    name = _last_checkpoint(out)
+    name = last_checkpoint(out)
     assert re.fullmatch(r"model_\d{7}\.pth", name), name
     stopped_at = int(name[6:13])
     assert 19 <= stopped_at < MAX_ITER - 1 and not (out / "model_final.pth").exists()
@@ -286,7 +279,7 @@ def test_kill_during_a_checkpoint_save_then_resume_from_the_last_good_one(tmp_pa
     err = _finish(proc, timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
     # the interrupted save left a temporary file only: last_checkpoint names the good one
-    assert _last_checkpoint(out) == f"model_{PERIOD - 1:07d}.pth"
+    assert last_checkpoint(out) == f"model_{PERIOD - 1:07d}.pth"
     assert not (out / second).exists()
     assert [p.name for p in out.glob(second + ".tmp.*")]
     log = _resume(tmp_path, out, 1)
@@ -299,7 +292,7 @@ def test_damaged_last_checkpoint_named_and_previous_one_used(tmp_path, reference
     out = tmp_path / "out"
     proc = _start(_args(tmp_path, out))
     second = f"model_{2 * PERIOD - 1:07d}.pth"
-    reached = _wait_for(proc, lambda: _last_checkpoint(out) == second)
+    reached = _wait_for(proc, lambda: last_checkpoint(out) == second)
     kill_group(proc)
     assert reached
     data = (out / second).read_bytes()
@@ -309,213 +302,3 @@ def test_damaged_last_checkpoint_named_and_previous_one_used(tmp_path, reference
     assert f"Resumed from {out / f'model_{PERIOD - 1:07d}.pth'}, not from the last" in log
     assert f"Starting training from iteration {PERIOD}" in log
     _assert_bitwise_equal(_final_weights(out), reference(1))
-
-
-# ---------------------------------------------------------------------------
-# units: the loader's position
-# ---------------------------------------------------------------------------
-def _take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-@pytest.mark.parametrize("world", [1, 3])
-def test_index_stream_is_detectron2_training_samplers(world):
-    from detectron2.data.samplers import TrainingSampler
-
-    from eapm.data.resumable import ResumableBatchSampler
-
-    for rank in range(world):
-        ours = ResumableBatchSampler(7, 1, seed=5, rank=rank, world_size=world)
-        theirs = TrainingSampler(7, shuffle=True, seed=5)
-        theirs._rank, theirs._world_size = rank, world
-        it = iter(theirs)
-        assert [b[0][0] for b in _take(iter(ours), 30)] == _take(it, 30)
-
-
-@pytest.mark.parametrize("buckets", [None, [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]])
-def test_state_after_any_batch_resumes_the_same_batches(buckets):
-    from eapm.data.resumable import ResumableBatchSampler
-
-    def sampler():
-        return ResumableBatchSampler(11, 3, seed=1, rank=1, world_size=2, bucket_of=buckets)
-
-    full = _take(iter(sampler()), 25)
-    for n in (0, 4, 13):
-        s = sampler()
-        _take(iter(s), n + 5)  # handed out beyond batch n, as a prefetching loader does
-        state = s.state_after(n)
-        resumed = sampler()
-        resumed.load_state_dict(state)
-        assert _take(iter(resumed), 25 - n - 1) == full[n + 1 :]
-    # every position is used once, in order, by this process (1, 3, 5, ... of the stream)
-    positions = sorted(p for batch in full for _, p, _ in batch)
-    assert positions == sorted(set(positions)) and all(p % 2 == 1 for p in positions)
-    if buckets:
-        for batch in full:
-            assert len({buckets[i] for i, _, _ in batch}) == 1  # one aspect group per batch
-
-
-@pytest.mark.parametrize("new_world", [1, 3])
-def test_regroup_for_another_process_count_continues_the_stream(new_world):
-    """A resume state of 2 processes (aspect-ratio buckets: they took different numbers of
-    stream elements) loaded by ``new_world`` processes: the normalisers' mean, no bucket
-    carried over, and the new processes together take the stream from the element after the
-    furthest one any saved process took, each element once, without a gap."""
-    from eapm.data.resumable import ResumableBatchSampler
-    from eapm.engine.hooks import _regroup
-
-    buckets = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
-
-    def sampler(rank, world, bucket_of=buckets):
-        return ResumableBatchSampler(
-            11, 2, seed=4, rank=rank, world_size=world, bucket_of=bucket_of
-        )
-
-    ranks = []
-    for rank, normalizer in ((0, 10.0), (1, 30.0)):
-        s = sampler(rank, 2)
-        _take(iter(s), 5)
-        ranks.append({"loss_normalizers": {"": normalizer}, "loader": s.state_after(3)})
-    saved = {"world_size": 2, "ranks": ranks}
-    used = {r + j * 2 for r in (0, 1) for j in range(ranks[r]["loader"]["next"])}
-    assert ranks[0]["loader"]["next"] != ranks[1]["loader"]["next"]  # buckets differ
-    end = max(used) + 1
-
-    taken = []
-    for rank in range(new_world):
-        normalizers, loader = _regroup(saved, new_world, rank)
-        assert normalizers == {"": 20.0}
-        assert loader["seed"] == 4 and loader["buckets"] == [[], []]
-        s = sampler(rank, new_world, None)  # one bucket: consecutive elements form a batch
-        s.load_state_dict({**loader, "buckets": [[]]})
-        taken += [pos for batch in _take(iter(s), 3) for _, pos, _ in batch]
-    assert sorted(taken) == list(range(end, end + 6 * new_world))
-
-    # a saved process without a resumable loader: no loader position for anyone
-    ranks[1] = {**ranks[1], "loader": None}
-    assert _regroup(saved, new_world, 0)[1] is None
-
-
-def test_augmentations_depend_only_on_seed_and_position():
-    import numpy as np
-
-    from eapm.data.resumable import SeededMapDataset
-
-    def mapper(d):
-        return (d["id"], np.random.rand(), torch.rand(1).item(), __import__("random").random())
-
-    ds = SeededMapDataset([{"id": i} for i in range(4)], mapper)
-    a = [ds[(i, p, 9)] for i, p in ((0, 0), (1, 1), (2, 2))]
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    b = [ds[(i, p, 9)] for i, p in ((2, 2), (0, 0), (1, 1))]
-    assert sorted(a) == sorted(b)
-    assert torch.equal(torch.get_rng_state(), before)  # the caller's generators untouched
-    assert ds[(0, 0, 9)] != ds[(0, 4, 9)] != ds[(0, 0, 10)]
-
-
-# ---------------------------------------------------------------------------
-# units: checkpoint files
-# ---------------------------------------------------------------------------
-def _checkpointer(tmp_path):
-    from eapm.checkpoint import EAPMCheckpointer
-
-    model = torch.nn.Linear(3, 2)
-    return model, EAPMCheckpointer(model, str(tmp_path))
-
-
-def test_a_failed_save_leaves_the_previous_checkpoint_and_tag(tmp_path, monkeypatch):
-    model, ckpt = _checkpointer(tmp_path)
-    ckpt.save("model_0000004")
-    good = (tmp_path / "model_0000004.pth").read_bytes()
-
-    def broken(obj, f, *a, **k):
-        f.write(b"partial")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError, match="No space left"):
-        ckpt.save("model_0000009")
-    assert not (tmp_path / "model_0000009.pth").exists()
-    assert not list(tmp_path.glob("*.tmp.*"))  # the temporary file was removed
-    assert (tmp_path / "model_0000004.pth").read_bytes() == good
-    assert _last_checkpoint(tmp_path) == "model_0000004.pth"
-
-
-def test_damaged_checkpoints_fall_back_then_fail_naming_every_file(tmp_path, caplog):
-    from eapm.checkpoint import DamagedCheckpointError
-
-    model, ckpt = _checkpointer(tmp_path)
-    for it in (4, 9, 14):
-        with torch.no_grad():
-            model.weight.fill_(it)
-        ckpt.save(f"model_{it:07d}")
-    (tmp_path / "model_0000014.pth").write_bytes(b"not a checkpoint")
-    (tmp_path / "model_0000009.pth").unlink()  # listed nowhere any more: skipped silently
-    with torch.no_grad():
-        model.weight.zero_()
-    ckpt.resume_or_load("", resume=True)
-    assert float(model.weight[0, 0]) == 4.0
-    assert "model_0000014.pth cannot be read" in caplog.text
-    (tmp_path / "model_0000004.pth").write_bytes(b"")
-    with pytest.raises(DamagedCheckpointError, match="no readable checkpoint") as e:
-        ckpt.resume_or_load("", resume=True)
-    assert "model_0000014.pth" in str(e.value) and "model_0000004.pth" in str(e.value)
-
-
-def test_preemption_keys_validated():
-    import eapm
-
-    cfg_file = os.path.join(REPO, "configs", "quickstart", "eapm_retinanet.yaml")
-    with pytest.raises(ValueError, match=r"^Invalid config SOLVER\.PREEMPTION\.SIGNALS"):
-        eapm.load_config(cfg_file, ["SOLVER.PREEMPTION.SIGNALS", "['SIGKILL']"])
-    with pytest.raises(ValueError, match=r"^Invalid config SOLVER\.PREEMPTION\.EXIT_CODE"):
-        eapm.load_config(cfg_file, ["SOLVER.PREEMPTION.EXIT_CODE", "0"])
-    with pytest.raises(ValueError, match=r"^Invalid config DATALOADER\.SAMPLER_TRAIN"):
-        eapm.load_config(cfg_file, ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"])
-    assert sys.modules["eapm"].load_config(cfg_file).SOLVER.PREEMPTION.EXIT_CODE == 75
-
-
-def test_a_process_exits_with_the_training_loader_still_iterating():
-    """The loader's workers ignore SIGTERM (preemption safety); multiprocessing's exit
-    handler stops daemonic children with SIGTERM and then waits for them. A script that
-    exits with the loader's iterator alive must still exit (it used to hang forever)."""
-    script = textwrap.dedent(
-        """
-        import torch
-        from eapm.data.resumable import ResumableBatchSampler, _PreemptionSafeLoader, _worker_init
-
-        class Items(torch.utils.data.Dataset):
-            def __len__(self):
-                return 8
-
-            def __getitem__(self, key):
-                return key[0]
-
-        loader = _PreemptionSafeLoader(
-            Items(),
-            batch_sampler=ResumableBatchSampler(8, 2, seed=3),
-            num_workers=1,
-            collate_fn=list,
-            worker_init_fn=_worker_init,
-        )
-        it = iter(loader)
-        print("batch", next(it), flush=True)
-        """
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        env=env(),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        pytest.fail("the process did not exit with the loader's iterator alive (hung at exit)")
-    assert proc.returncode == 0, err[-2000:]
-    assert out.startswith("batch ["), out

@@ -1,7 +1,8 @@
-"""LazyConfig twins of the yacs configs: each builds, from plain keyword arguments, the model
-the matching yacs config builds (same parameters: the yacs weights load strictly), and with the
-same weights and input gives the same losses and detections; the quickstart twin trains and
-evaluates through train_net.py."""
+"""LazyConfig twins of the yacs configs (configs/*/*.py, run by eapm/lazy.py): each
+builds, from plain keyword arguments, the model the matching yacs config builds (same
+parameters: the yacs weights load strictly), and with the same weights and input gives the same
+losses and detections (the dense detectors, Libra R-CNN, Faster / Mask / Cascade R-CNN and
+their EAPM twins); the quickstart twin trains and evaluates through train_net.py."""
 
 from __future__ import annotations
 
@@ -12,12 +13,27 @@ import pytest
 import torch
 
 from eapm.utils.testing import tiny_lazy_cfg
-from tests.helpers import REPO, make_batch, tiny_cfg
+from tests.helpers import (
+    RCNN_MU,
+    RCNN_TWINS,
+    REPO,
+    assert_same_parameters,
+    box_predictors,
+    rcnn_batch,
+    tiny_cfg,
+)
 
 # (LazyConfig, its yacs twin, the yacs key of the number of classes, its lazy key)
 RETINA = ("MODEL.RETINANET.NUM_CLASSES", "model.num_classes")
 FCOS = ("MODEL.FCOS.NUM_CLASSES", "model.num_classes")
 RCNN = ("MODEL.ROI_HEADS.NUM_CLASSES", "model.roi_heads.num_classes")
+# the R-CNN pairs with their baseline twins (the quickstart R-CNN configs are yacs only)
+RCNN_LAZY_TWINS = sorted(
+    path[: -len(".yaml")]
+    for ours, (base, _, _) in RCNN_TWINS.items()
+    for path in (ours, base)
+    if path.startswith("COCO-")
+)
 PAIRS = [
     ("COCO-Detection/retinanet_R_50_FPN_1x", RETINA),
     ("COCO-Detection/retinanet_R_50_FPN_1x_eapm_mu1.5", RETINA),
@@ -28,10 +44,11 @@ PAIRS = [
     ("COCO-Detection/libra_rcnn_R_50_FPN_1x", RCNN),
     ("COCO-Detection/libra_rcnn_R_50_FPN_1x_eapm_theta1.5", RCNN),
     ("quickstart/eapm_retinanet", RETINA),
-]
+] + [(path, RCNN) for path in RCNN_LAZY_TWINS]
 
 
 def _models(name, keys):
+    """(the yacs config, its model, the LazyConfig's model), both built at seed 0."""
     from detectron2.config import instantiate
     from detectron2.modeling import build_model
 
@@ -39,27 +56,50 @@ def _models(name, keys):
     cfg = tiny_cfg(f"{name}.yaml", "MODEL.EAPM.COMPILE", False, yacs_key, 4)
     torch.manual_seed(0)
     ref = build_model(cfg)
+    torch.manual_seed(0)
     lazy = instantiate(tiny_lazy_cfg(f"{name}.py", f"{lazy_key}=4").model)
-    lazy.load_state_dict(ref.state_dict(), strict=True)  # same modules, same shapes
-    return ref, lazy
+    return cfg, ref, lazy
 
 
 @pytest.mark.parametrize("name,keys", PAIRS, ids=[p[0].split("/")[1] for p in PAIRS])
 def test_lazy_config_equals_yacs(name, keys, storage):
-    ref, lazy = _models(name, keys)
+    """Each LazyConfig builds its yacs twin's model: the same modules and parameter shapes (the
+    yacs weights load strictly), the same EAPM settings (R-CNN: the same ROI heads, the same mu
+    in every box predictor, the same mask head), and with the same weights and batch the same
+    losses and detections. The R-CNN pairs with their baselines give bitwise the same losses,
+    and Faster / Mask R-CNN initialise identically at the same seed (Cascade R-CNN's LazyConfig
+    builds its stages' heads in another order, so only its shapes are compared)."""
+    cfg, ref, lazy = _models(name, keys)
+    rcnn_twin = name in RCNN_LAZY_TWINS
+    sa, sb = ref.state_dict(), lazy.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(sa[k].shape == sb[k].shape for k in sa)
+    if rcnn_twin and "cascade" not in name:
+        assert_same_parameters(ref, lazy)
+    lazy.load_state_dict(sa, strict=True)  # same modules, same shapes
     # the EAPM settings themselves, not only their effect on this batch
     for attr in ("eapm_cls_mu", "eapm_reg_theta", "balanced_l1", "box_reg_loss_type"):
         if hasattr(ref, attr):
             assert getattr(lazy, attr) == getattr(ref, attr), attr
-    batch = make_batch(2, size=64, num_boxes=(3, 1), num_classes=4, seed=1)
+    if hasattr(ref, "roi_heads"):
+        assert type(lazy.roi_heads) is type(ref.roi_heads)
+        mus = [[getattr(p, "eapm_cls_mu", None) for p in box_predictors(m)] for m in (ref, lazy)]
+        assert mus[0] == mus[1]
+        assert ref.roi_heads.mask_on == lazy.roi_heads.mask_on == ("mask" in name)
+        if rcnn_twin:
+            assert mus[0] == [RCNN_MU if "eapm" in name else None] * len(box_predictors(ref))
+    batch = rcnn_batch(cfg)  # with masks for Mask R-CNN
     losses = []
     for model in (ref, lazy):
         model.train()
         torch.manual_seed(0)  # the R-CNN samplers draw random numbers
-        losses.append({k: v.item() for k, v in model(batch).items()})
+        losses.append({k: v.detach() for k, v in model(batch).items()})
     assert losses[0].keys() == losses[1].keys()
     for k in losses[0]:
-        assert losses[1][k] == pytest.approx(losses[0][k], rel=1e-5, abs=1e-7), k
+        a, b = losses[0][k], losses[1][k]
+        assert b.item() == pytest.approx(a.item(), rel=1e-5, abs=1e-7), k
+        if rcnn_twin:
+            assert torch.equal(a, b), k
     outs = []
     for model in (ref, lazy):
         model.eval()

@@ -10,8 +10,29 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from detectron2.layers import diou_loss
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes
 
-from tests.helpers import REPO, grad_norms, make_batch, tiny_cfg
+from eapm.losses import eapm_sigmoid_focal_loss
+from tests.helpers import (
+    DISTINCT_FOCAL,
+    DISTINCT_MU,
+    DISTINCT_THETA,
+    REPO,
+    check_cls_diagnostics,
+    close_loss,
+    cls_diagnostics_reference,
+    differs_loss,
+    ema_first_update,
+    forward_with_histograms,
+    grad_norms,
+    make_batch,
+    record,
+    tiny_cfg,
+    train_forward,
+)
 
 LOSS_KEYS = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr")
 # 64 FPN channels: the quickstart head uses GN (32 groups), which needs >= 2 channels per group
@@ -241,6 +262,90 @@ def test_coco_configs_load():
         assert cfg.MODEL.EAPM.CLS.ENABLED == (mu is not None)
         if mu is not None:
             assert cfg.MODEL.EAPM.CLS.MU == mu
+
+
+# ---------------------------------------------------------------- losses against eapm.losses
+
+
+def test_fcos_losses_are_eapm_focal_on_its_own_targets():
+    cfg = tiny_cfg(
+        "quickstart/eapm_fcos.yaml",
+        "MODEL.FPN.OUT_CHANNELS", 64,  # GN head: 2 channels per group
+        "MODEL.EAPM.CLS.MU", DISTINCT_MU,
+        "MODEL.FCOS.FOCAL_LOSS_ALPHA", DISTINCT_FOCAL["alpha"],
+        "MODEL.FCOS.FOCAL_LOSS_GAMMA", DISTINCT_FOCAL["gamma"],
+        "MODEL.FCOS.BOX_LOSS_TYPE", "diou",
+        "MODEL.EAPM.COMPILE", False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    seen = record(model, "losses")
+    batch = make_batch(2, num_boxes=(3, 2))
+    out = train_forward(model, batch)
+    anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_ctr = seen["args"]
+
+    # the targets are those of detectron2's FCOS.label_anchors (center sampling) on this batch
+    labels_again, boxes_again = model.label_anchors(anchors, [b["instances"] for b in batch])
+    for a, b in zip(gt_labels + gt_boxes, labels_again + boxes_again):
+        assert torch.equal(a, b)
+
+    k = cfg.MODEL.FCOS.NUM_CLASSES
+    labels = torch.stack(gt_labels)
+    pos = (labels >= 0) & (labels != k)
+    num_pos = int(pos.sum())
+    assert num_pos > 0
+    norm = ema_first_update(300.0, num_pos)  # detectron2's FCOS starts its EMA at 300
+    with torch.no_grad():
+        logits = torch.cat(pred_logits, dim=1)  # every location (FCOS ignores none)
+        onehot = F.one_hot(labels, k + 1)[..., :-1].to(logits.dtype)
+        cls = (
+            eapm_sigmoid_focal_loss(logits, onehot, DISTINCT_MU, reduction="sum", **DISTINCT_FOCAL)
+            / norm
+        )
+        cls_wrong = eapm_sigmoid_focal_loss(
+            logits, onehot, DISTINCT_THETA, reduction="sum", **DISTINCT_FOCAL
+        )
+        all_anchors = Boxes.cat(anchors).tensor
+        deltas = torch.cat(pred_deltas, dim=1)
+        pred_boxes = torch.stack(
+            [model.box2box_transform.apply_deltas(d, all_anchors) for d in deltas]
+        )
+        loc = diou_loss(pred_boxes[pos], torch.stack(gt_boxes)[pos], reduction="sum") / norm
+        ctr_target = model.compute_ctrness_targets(anchors, gt_boxes)
+        ctr_logits = torch.cat(pred_ctr, dim=1).squeeze(2)
+        ctr = (
+            F.binary_cross_entropy_with_logits(ctr_logits[pos], ctr_target[pos], reduction="sum")
+            / norm
+        )
+    assert set(out) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+    close_loss(out["loss_fcos_cls"], cls)
+    close_loss(out["loss_fcos_loc"], loc)
+    close_loss(out["loss_fcos_ctr"], ctr)
+    differs_loss(out["loss_fcos_cls"], cls_wrong / norm)
+
+
+# ------------------------------------------------------------------------------- diagnostics
+
+
+def test_fcos_diagnostics_equal_direct_values(monkeypatch):
+    cfg = tiny_cfg(
+        "quickstart/eapm_fcos.yaml",
+        "MODEL.FPN.OUT_CHANNELS", 64,
+        "MODEL.EAPM.CLS.MU", DISTINCT_MU,
+        "MODEL.EAPM.HISTOGRAM_PERIOD", 1,
+        "MODEL.EAPM.COMPILE", False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    seen = record(model, "losses")
+    storage, hists = forward_with_histograms(model, make_batch(2, num_boxes=(3, 2)), monkeypatch)
+    _, pred_logits, gt_labels, *_ = seen["args"]
+    k = model.num_classes
+    labels = torch.stack(gt_labels)
+    logits = torch.cat(pred_logits, dim=1)  # every location
+    onehot = F.one_hot(labels, k + 1)[..., :-1]
+    check_cls_diagnostics(storage, hists, cls_diagnostics_reference(logits, onehot, DISTINCT_MU))
+    assert not any(key.startswith("eapm/reg") for key in storage.latest())  # FCOS: no EAPM box
 
 
 @pytest.mark.slow

@@ -1,16 +1,62 @@
-"""EAPMRetinaNet: equality with detectron2's RetinaNet, training steps, empty images,
-config validation, diagnostics."""
+"""eapm/modeling/retinanet.py, EAPMRetinaNet: equality with detectron2's RetinaNet (EAPM off,
+classification loss weight 1), training steps, empty images, config validation, EAPM
+regression with detectron2's IoU losses; its losses equal ``eapm.losses`` on its own matched
+targets with the configured strengths and parameters, and float64 formulas written from the
+definitions (values and gradients); its diagnostics equal directly computed values and reach
+TensorBoard / metrics.json; Libra RetinaNet and GHM RetinaNet (MODEL.GHM, "ghm_r"); its
+configs."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from tests.helpers import CONFIGS, eapm_iou_reference, grad_norms, make_batch, tiny_cfg
+from eapm.losses import eapm_balanced_l1_loss, eapm_sigmoid_focal_loss
+from eapm.utils.testing import repo_cfg
+from tests.helpers import (
+    CONFIGS,
+    DISTINCT_BL1,
+    DISTINCT_BL1_OPTS,
+    DISTINCT_FOCAL,
+    DISTINCT_MU,
+    DISTINCT_STRENGTHS,
+    DISTINCT_THETA,
+    EAPM_TAGS,
+    RefGHM,
+    build_and_train_step,
+    build_for_training,
+    check_cls_diagnostics,
+    check_reg_diagnostics,
+    close_f64,
+    close_loss,
+    cls_diagnostics_reference,
+    differs_loss,
+    eapm_bl1_sum,
+    eapm_focal_sum,
+    eapm_iou_reference,
+    ema_first_update,
+    event_tags,
+    forward_with_histograms,
+    grad_norms,
+    losses_and_grads,
+    make_batch,
+    misses_f64,
+    record,
+    reg_diagnostics_reference,
+    spread_box_predictions,
+    tiny_cfg,
+    train_forward,
+    warm_up_focal,
+)
 
 RETINA = "quickstart/retinanet.yaml"
 EAPM_RETINA = "quickstart/eapm_retinanet.yaml"
@@ -25,21 +71,36 @@ def _losses(model, batch, it=0):
 
 @pytest.mark.parametrize("reg", ["smooth_l1", "giou"])
 def test_eapm_off_equals_detectron2_retinanet(reg):
-    cfg = tiny_cfg(RETINA, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", reg)
-    ours = build_model(cfg)
+    """EAPM off, MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT 1.0 (explicit), against detectron2's own
+    RetinaNet with the same weights on the same batch: the losses of two iterations (the EMA
+    normaliser evolves identically too) and the classification loss's gradient in every
+    parameter are bitwise equal."""
+    cfg = tiny_cfg(
+        RETINA,
+        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", reg,
+        "MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT", 1.0,
+    )  # fmt: skip
+    ours = build_for_training(cfg)
+    assert ours.cls_loss_weight == 1.0
     cfg_d2 = cfg.clone()
     cfg_d2.MODEL.META_ARCHITECTURE = "RetinaNet"
-    theirs = build_model(cfg_d2)
+    theirs = build_for_training(cfg_d2, ours.state_dict())
     assert type(ours).__name__ == "EAPMRetinaNet" and type(theirs).__name__ == "RetinaNet"
-    theirs.load_state_dict(ours.state_dict())
-    ours.train(), theirs.train()
     batch = make_batch(2, num_boxes=(3, 2))
+    warm_up_focal(cfg, ours.state_dict(), batch, "loss_cls")
     for it in range(2):  # the EMA normaliser evolves identically too
-        a, _ = _losses(ours, batch, it)
-        b, _ = _losses(theirs, batch, it)
+        a, ga = losses_and_grads(ours, batch, "loss_cls")
+        b, gb = losses_and_grads(theirs, batch, "loss_cls")
         assert set(a) == set(b) == {"loss_cls", "loss_box_reg"}
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+            assert torch.equal(a[k], b[k]), (it, k)
+        reached = 0
+        for x, y in zip(ga, gb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.equal(x, y), it
+                reached += 1
+        assert reached > 10
 
 
 def test_eapm_mu_zero_and_theta_zero_equal_base_losses():
@@ -333,3 +394,589 @@ def test_coco_configs_build(name, mu):
         assert cfg.MODEL.EAPM.CLS.MU == float(mu)
     model = build_model(cfg)
     assert model.eapm_cls_mu == (0.0 if mu is None else float(mu))
+
+
+# ------------------------------------------- losses against eapm.losses and float64 formulas
+
+
+def test_retinanet_losses_are_eapm_focal_and_balanced_l1_on_its_own_targets():
+    cfg = tiny_cfg(
+        "quickstart/eapm_retinanet.yaml",
+        *DISTINCT_STRENGTHS,
+        *DISTINCT_BL1_OPTS,
+        "MODEL.RETINANET.FOCAL_LOSS_ALPHA", DISTINCT_FOCAL["alpha"],
+        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", DISTINCT_FOCAL["gamma"],
+        "MODEL.RETINANET.BBOX_REG_WEIGHTS", (1.0, 1.0, 2.0, 2.0),
+        "MODEL.EAPM.COMPILE", False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    spread_box_predictions(model.head.bbox_pred)
+    seen = record(model, "losses")
+    batch = make_batch(2, num_boxes=(4, 2))
+    out = train_forward(model, batch)
+    anchors, pred_logits, gt_labels, pred_deltas, gt_boxes = seen["args"]
+
+    # the targets are those of detectron2's RetinaNet.label_anchors on this batch
+    labels_again, boxes_again = model.label_anchors(anchors, [b["instances"] for b in batch])
+    for a, b in zip(gt_labels + gt_boxes, labels_again + boxes_again):
+        assert torch.equal(a, b)
+
+    k = cfg.MODEL.RETINANET.NUM_CLASSES
+    labels = torch.stack(gt_labels)  # (N, R)
+    valid = labels >= 0
+    pos = valid & (labels != k)
+    num_pos = int(pos.sum())
+    assert num_pos > 0 and int((labels == -1).sum()) > 0  # positives and ignored anchors
+    norm = ema_first_update(100.0, num_pos)
+    with torch.no_grad():
+        logits = torch.cat(pred_logits, dim=1)[valid]
+        onehot = F.one_hot(labels[valid], k + 1)[:, :-1].to(logits.dtype)
+        cls = (
+            eapm_sigmoid_focal_loss(logits, onehot, DISTINCT_MU, reduction="sum", **DISTINCT_FOCAL)
+            / norm
+        )
+        transform = Box2BoxTransform(weights=(1.0, 1.0, 2.0, 2.0))
+        all_anchors = Boxes.cat(anchors).tensor[None].expand(len(batch), -1, -1)
+        target = transform.get_deltas(all_anchors[pos], torch.stack(gt_boxes)[pos])
+        pred = torch.cat(pred_deltas, dim=1)[pos]
+        box = (
+            eapm_balanced_l1_loss(pred, target, DISTINCT_THETA, reduction="sum", **DISTINCT_BL1)
+            / norm
+        )
+        # mu and theta swapped
+        cls_swapped = eapm_sigmoid_focal_loss(
+            logits, onehot, DISTINCT_THETA, reduction="sum", **DISTINCT_FOCAL
+        )
+        box_swapped = eapm_balanced_l1_loss(
+            pred, target, DISTINCT_MU, reduction="sum", **DISTINCT_BL1
+        )
+    assert set(out) == {"loss_cls", "loss_box_reg"}
+    close_loss(out["loss_cls"], cls)
+    close_loss(out["loss_box_reg"], box)
+    differs_loss(out["loss_cls"], cls_swapped / norm)
+    differs_loss(out["loss_box_reg"], box_swapped / norm)
+
+
+def test_retinanet_eapm_focal_and_balanced_l1_value_and_gradient_float64():
+    cfg = tiny_cfg(
+        "quickstart/eapm_retinanet.yaml",
+        "MODEL.EAPM.CLS.MU", DISTINCT_MU, "MODEL.EAPM.REG.THETA", DISTINCT_THETA,
+        "MODEL.BALANCED_L1.ALPHA", DISTINCT_BL1["alpha"],
+        "MODEL.BALANCED_L1.GAMMA", DISTINCT_BL1["gamma"],
+        "MODEL.BALANCED_L1.BETA", DISTINCT_BL1["beta"],
+        "MODEL.RETINANET.FOCAL_LOSS_ALPHA", DISTINCT_FOCAL["alpha"],
+        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", DISTINCT_FOCAL["gamma"],
+        "MODEL.RETINANET.BBOX_REG_WEIGHTS", (1.0, 1.0, 2.0, 2.0),
+        "MODEL.EAPM.COMPILE", False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # deltas of order 0.1-1 (detectron2's init gives ~0: GoS ~ 1, MF ~ 1)
+        g = torch.Generator().manual_seed(0)
+        reg = model.head.bbox_pred
+        reg.weight.copy_(torch.randn(reg.weight.shape, generator=g) * 0.02)
+        reg.bias.copy_(torch.randn(reg.bias.shape, generator=g) * 0.5)
+    seen = record(model, "losses")
+    out = train_forward(model, make_batch(2, num_boxes=(4, 2)))
+    anchors, pred_logits, gt_labels, pred_deltas, gt_boxes = seen["args"]
+    grad_logits = torch.autograd.grad(out["loss_cls"], pred_logits)
+    grad_deltas = torch.autograd.grad(out["loss_box_reg"], pred_deltas)
+
+    k = cfg.MODEL.RETINANET.NUM_CLASSES
+    labels = torch.stack(gt_labels)  # (N, R): -1 ignored, k background
+    valid = labels >= 0
+    pos = valid & (labels != k)
+    num_pos = int(pos.sum())
+    assert num_pos > 0 and int((~valid).sum()) > 0
+    # detectron2's normaliser: an EMA of the positive count, at its first update
+    norm = 100.0 * 0.9 + 0.1 * max(num_pos, 1)
+
+    logits = torch.cat(pred_logits, dim=1).detach()
+    onehot = (labels[..., None] == torch.arange(k)).double()  # background: all zeros
+    cls_sum, cls_grad = eapm_focal_sum(logits[valid], onehot[valid], DISTINCT_MU, **DISTINCT_FOCAL)
+    want_grad_logits = torch.zeros_like(logits, dtype=torch.float64)
+    want_grad_logits[valid] = cls_grad / norm
+    close_f64(out["loss_cls"], cls_sum / norm)
+    close_f64(torch.cat(grad_logits, dim=1), want_grad_logits)
+
+    transform = Box2BoxTransform(weights=(1.0, 1.0, 2.0, 2.0))
+    all_anchors = Boxes.cat(anchors).tensor.double()[None].expand(len(gt_boxes), -1, -1)
+    target = transform.get_deltas(all_anchors[pos], torch.stack(gt_boxes).double()[pos])
+    deltas = torch.cat(pred_deltas, dim=1).detach()
+    box_sum, box_grad = eapm_bl1_sum(deltas[pos], target, DISTINCT_THETA, **DISTINCT_BL1)
+    want_grad_deltas = torch.zeros_like(deltas, dtype=torch.float64)
+    want_grad_deltas[pos] = box_grad / norm
+    close_f64(out["loss_box_reg"], box_sum / norm)
+    close_f64(torch.cat(grad_deltas, dim=1), want_grad_deltas)
+
+    # the references can fail: the plain losses (mu = theta = 0) are far off
+    misses_f64(
+        out["loss_cls"],
+        eapm_focal_sum(logits[valid], onehot[valid], 0.0, **DISTINCT_FOCAL)[0] / norm,
+    )
+    misses_f64(
+        out["loss_box_reg"], eapm_bl1_sum(deltas[pos], target, 0.0, **DISTINCT_BL1)[0] / norm
+    )
+    plain_grad = eapm_focal_sum(logits[valid], onehot[valid], 0.0, **DISTINCT_FOCAL)[1] / norm
+    assert not torch.allclose(plain_grad, want_grad_logits[valid], rtol=0.1, atol=0)
+
+
+# ------------------------------------------------------------------------------- diagnostics
+
+
+def test_retinanet_diagnostics_equal_direct_values(monkeypatch):
+    cfg = tiny_cfg(
+        "quickstart/eapm_retinanet.yaml",
+        "MODEL.EAPM.CLS.MU", DISTINCT_MU,
+        "MODEL.EAPM.REG.THETA", DISTINCT_THETA,
+        "MODEL.EAPM.HISTOGRAM_PERIOD", 1,
+        "MODEL.EAPM.COMPILE", False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    spread_box_predictions(model.head.bbox_pred)
+    seen = record(model, "losses")
+    storage, hists = forward_with_histograms(model, make_batch(2, num_boxes=(4, 2)), monkeypatch)
+    anchors, pred_logits, gt_labels, pred_deltas, gt_boxes = seen["args"]
+
+    k = model.num_classes
+    labels = torch.stack(gt_labels)
+    valid = labels >= 0
+    assert int((~valid).sum()) > 0  # ignored anchors exist and must be left out
+    logits = torch.cat(pred_logits, dim=1)[valid]
+    onehot = F.one_hot(labels[valid], k + 1)[:, :-1]
+    check_cls_diagnostics(storage, hists, cls_diagnostics_reference(logits, onehot, DISTINCT_MU))
+
+    pos = valid & (labels != k)
+    transform = Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS)
+    all_anchors = Boxes.cat(anchors).tensor[None].expand(len(gt_labels), -1, -1)
+    target = transform.get_deltas(all_anchors[pos], torch.stack(gt_boxes)[pos])
+    pred = torch.cat(pred_deltas, dim=1)[pos]
+    check_reg_diagnostics(storage, hists, *reg_diagnostics_reference(pred, target, DISTINCT_THETA))
+
+
+@pytest.mark.parametrize("period", [0, 1])
+def test_eapm_histograms_reach_tensorboard_scalars_reach_metrics_json(tmp_path, period):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
+
+    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.EAPM.HISTOGRAM_PERIOD", period)
+    model = build_model(cfg)
+    model.train()
+    torch.manual_seed(0)
+    tb = TensorboardXWriter(str(tmp_path))
+    js = JSONWriter(str(tmp_path / "metrics.json"))
+    with EventStorage(0) as storage:
+        for it in range(2):
+            storage.iter = it
+            sum(model(make_batch(2, num_boxes=(3, 2), seed=it)).values()).backward()
+            storage.step()
+        tb.write()
+        js.write()
+    tb.close()
+    js.close()
+    tags = event_tags(tmp_path)
+    hist = {t for t, plugin in tags if plugin == "histograms"}
+    scalars = {t for t, plugin in tags if plugin == "scalars"}
+    assert set(EAPM_TAGS) <= scalars
+    assert hist == (set(EAPM_TAGS) if period else set())
+    # metrics.json takes the scalars only (detectron2's JSONWriter ignores histograms)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert all(k in lines[-1] for k in EAPM_TAGS)
+    assert all(isinstance(v, (int, float)) for line in lines for v in line.values())
+
+
+# ----------------------------------- Libra RetinaNet (balanced feature pyramid, balanced L1)
+
+
+def test_libra_retinanet_eapm_train_step(storage):
+    path = "COCO-Detection/libra_retinanet_R_50_FPN_1x_eapm_mu1.5_theta1.0.yaml"
+    cfg = tiny_cfg(path, "MODEL.RETINANET.NUM_CLASSES", 4)
+    model, losses = build_and_train_step(cfg, make_batch(num_boxes=(3, 0)))
+    assert set(losses) == {"loss_cls", "loss_box_reg"} and losses["loss_box_reg"].item() > 0
+    assert model.backbone.refine.conv_out.weight.grad.abs().sum() > 0
+    g = grad_norms(model, ["backbone.refine", "backbone.fpn.bottom_up", "head.bbox_pred"])
+    assert all(v > 0 for v in g.values()), g
+    latest = storage.latest()
+    assert "eapm/reg_gos" in latest and "eapm/cls_mf_pos" in latest
+
+
+# -------------------------------------------------------- GHM RetinaNet (MODEL.GHM, "ghm_r")
+
+
+GHM_OPTS = ("MODEL.GHM.CLS.ENABLED", True, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r")
+
+
+def ghm_model(*opts, config="quickstart/retinanet.yaml"):
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(config, *opts))
+    model.train()
+    return model
+
+
+def test_ghm_retinanet_losses_match_per_level_reference():
+    """EAPMRetinaNet.losses with GHM on synthetic anchors: loss_cls = sum over the levels of
+    GHM-C on that level's anchors x classes (ignored anchors invalid), loss_box_reg = 10 x
+    sum over the levels of GHM-R on that level's positive deltas; not divided by the
+    positive-anchor normaliser; both modules' states updated level by level."""
+    from detectron2.structures import Boxes
+    from detectron2.utils.events import EventStorage
+
+    model = ghm_model(*GHM_OPTS)
+    K = model.num_classes
+    g = torch.Generator().manual_seed(0)
+    sizes = [7, 4]
+    anchors = []
+    for n in sizes:
+        xy = torch.rand(n, 2, generator=g) * 40
+        anchors.append(Boxes(torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)))
+    N, R = 2, sum(sizes)
+    labels = torch.randint(-1, K + 1, (N, R), generator=g)
+    labels[0, 0], labels[1, 8] = 1, 2  # positives on both levels
+    xy = torch.rand(N, R, 2, generator=g) * 40
+    gt_boxes = torch.cat([xy, xy + 5 + torch.rand(N, R, 2, generator=g) * 30], 2)
+    logits = torch.randn(N, R, K, generator=g, dtype=torch.float64).float().requires_grad_()
+    deltas = (torch.randn(N, R, 4, generator=g) * 0.3).requires_grad_()
+    split = lambda t: list(t.split(sizes, dim=1))  # noqa: E731
+    with EventStorage():
+        out = model.losses(anchors, split(logits), list(labels), split(deltas), list(gt_boxes))
+    assert set(out) == {"loss_cls", "loss_box_reg"}
+
+    ref_c, ref_r = RefGHM(30, 0.75), RefGHM(10, 0.7, last=1e3)
+    want_c = want_r = 0.0
+    start = 0
+    for lvl, n in enumerate(sizes):
+        lab = labels[:, start : start + n]
+        valid = (lab >= 0)[..., None].expand(-1, -1, K)
+        tgt = torch.nn.functional.one_hot(lab.clamp(min=0), K + 1)[..., :K].float()
+        tgt[lab < 0] = 0
+        want_c += ref_c.ghmc(
+            logits[:, start : start + n].detach().double().flatten().tolist(),
+            tgt.flatten().tolist(),
+            valid.flatten().tolist(),
+        )[0]
+        pos = (lab >= 0) & (lab != K)
+        anc = anchors[lvl].tensor[None].expand(N, -1, -1)[pos]
+        gtd = model.box2box_transform.get_deltas(anc, gt_boxes[:, start : start + n][pos])
+        pred = deltas[:, start : start + n][pos].detach()
+        want_r += ref_r.ghmr(
+            pred.double().flatten().tolist(),
+            gtd.double().flatten().tolist(),
+            [True] * pred.numel(),
+            0.02,
+        )[0]
+        start += n
+    assert out["loss_cls"].item() == pytest.approx(want_c, rel=1e-4)
+    assert out["loss_box_reg"].item() == pytest.approx(10 * want_r, rel=1e-4)
+    np.testing.assert_allclose(model.ghm_cls.acc_sum.numpy(), ref_c.acc, rtol=1e-5)
+    np.testing.assert_allclose(model.ghm_reg.acc_sum.numpy(), ref_r.acc, rtol=1e-5)
+
+
+def test_ghm_retinanet_training_step_on_cpu():
+    from detectron2.utils.events import EventStorage
+
+    from eapm.utils.testing import grad_norms
+
+    model = ghm_model(*GHM_OPTS)
+    assert type(model.ghm_cls).__name__ == "GHMC" and type(model.ghm_reg).__name__ == "GHMR"
+    with EventStorage():
+        losses = model(make_batch(2, 64, num_boxes=(3, 0)))
+        assert set(losses) == {"loss_cls", "loss_box_reg"}
+        assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+        sum(losses.values()).backward()
+    norms = grad_norms(model, ["head.cls_score", "head.bbox_pred", "backbone"])
+    assert all(math.isfinite(v) and v > 0 for v in norms.values()), norms
+    assert model.ghm_cls.acc_sum.sum() > 0 and model.ghm_reg.acc_sum.sum() > 0
+
+
+def test_ghm_retinanet_batch_without_boxes():
+    from detectron2.utils.events import EventStorage
+
+    model = ghm_model(*GHM_OPTS)
+    with EventStorage():
+        losses = model(make_batch(2, 64, num_boxes=(0,)))
+        assert losses["loss_box_reg"].item() == 0.0 and torch.isfinite(losses["loss_cls"])
+        sum(losses.values()).backward()
+
+
+def test_ghm_state_survives_checkpoint(tmp_path):
+    """The moving averages are in the model's state_dict: saved by detectron2's
+    DetectionCheckpointer, restored by loading; the next step is the same."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils.events import EventStorage
+
+    model = ghm_model(*GHM_OPTS)
+    batch = make_batch(2, 64, num_boxes=(3, 2))
+    with EventStorage():
+        for _ in range(2):
+            model(batch)
+    assert {"ghm_cls.acc_sum", "ghm_reg.acc_sum"} <= set(model.state_dict())
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_x")
+    fresh = ghm_model(*GHM_OPTS)
+    assert fresh.ghm_cls.acc_sum.sum() == 0
+    DetectionCheckpointer(fresh).load(str(tmp_path / "model_x.pth"))
+    torch.testing.assert_close(fresh.ghm_cls.acc_sum, model.ghm_cls.acc_sum, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.ghm_reg.acc_sum, model.ghm_reg.acc_sum, rtol=0, atol=0)
+    with EventStorage():
+        a, b = model(batch), fresh(batch)
+    for k in a:
+        assert a[k].item() == b[k].item(), k
+    torch.testing.assert_close(fresh.ghm_cls.acc_sum, model.ghm_cls.acc_sum, rtol=0, atol=0)
+    # without the restored state the loss differs (the test can fail)
+    other = ghm_model(*GHM_OPTS)
+    with EventStorage():
+        assert other(batch)["loss_cls"].item() != a["loss_cls"].item()
+
+
+def test_ghm_off_builds_no_ghm_module_and_each_loss_alone():
+    plain = ghm_model()
+    assert plain.ghm_cls is None and plain.ghm_reg is None
+    assert not any("ghm" in k for k in plain.state_dict())
+    only_c = ghm_model("MODEL.GHM.CLS.ENABLED", True)
+    assert only_c.ghm_cls is not None and only_c.ghm_reg is None
+    only_r = ghm_model("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r")
+    assert only_r.ghm_cls is None and only_r.ghm_reg is not None
+    assert (only_r.ghm_reg.mu, only_r.ghm_reg.bins, only_r.ghm_reg.momentum) == (0.02, 10, 0.7)
+    assert (only_c.ghm_cls.bins, only_c.ghm_cls.momentum) == (30, 0.75)
+    assert only_r.ghm_reg_loss_weight == 10.0 and not only_r.ghm_reg.all_reduce
+
+
+@pytest.mark.parametrize(
+    "opts,key,config",
+    [
+        # (a value is checked where it is used: GHM-C's with GHM-C on, GHM-R's with ghm_r)
+        (
+            ("MODEL.GHM.CLS.ENABLED", True, "MODEL.GHM.CLS.BINS", 0),
+            "MODEL.GHM.CLS.BINS",
+            "retinanet",
+        ),
+        (
+            ("MODEL.GHM.CLS.ENABLED", True, "MODEL.GHM.CLS.MOMENTUM", 1.0),
+            "MODEL.GHM.CLS.MOMENTUM",
+            "retinanet",
+        ),
+        (
+            ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.GHM.REG.MU", 0.0),
+            "MODEL.GHM.REG.MU",
+            "retinanet",
+        ),
+        (
+            ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.GHM.REG.BINS", -1),
+            "MODEL.GHM.REG.BINS",
+            "retinanet",
+        ),
+        (("MODEL.GHM.REG.LOSS_WEIGHT", -1.0), "MODEL.GHM.REG.LOSS_WEIGHT", "retinanet"),
+        (
+            ("MODEL.GHM.CLS.ENABLED", True, "MODEL.EAPM.CLS.ENABLED", True),
+            "MODEL.GHM.CLS.ENABLED",
+            "retinanet",
+        ),
+        (
+            ("MODEL.GHM.CLS.ENABLED", True, "MODEL.META_ARCHITECTURE", "RetinaNet"),
+            "MODEL.GHM.CLS.ENABLED",
+            "retinanet",
+        ),
+        (
+            ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.META_ARCHITECTURE", "RetinaNet"),
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+            "retinanet",
+        ),
+        (
+            ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r", "MODEL.EAPM.REG.ENABLED", True),
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+            "retinanet",
+        ),
+        (("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "ghm_r"), "MODEL.ROI_BOX_HEAD", "faster_rcnn"),
+    ],
+)
+def test_bad_ghm_config_names_the_key(opts, key, config):
+    import eapm
+
+    cfg = tiny_cfg(f"quickstart/{config}.yaml", *opts)
+    with pytest.raises(ValueError, match="Invalid config " + key.replace(".", r"\.")):
+        eapm.validate_config(cfg)
+
+
+def test_ghm_on_fcos_is_rejected_and_constructor_checks():
+    from detectron2.modeling import build_model
+
+    import eapm
+
+    cfg = tiny_cfg("quickstart/fcos.yaml", "MODEL.GHM.CLS.ENABLED", True)
+    with pytest.raises(
+        ValueError, match=r"Invalid config MODEL\.GHM\.CLS\.ENABLED = True: no class .* reads"
+    ):
+        eapm.validate_config(cfg)
+    # the constructor checks its own arguments (no validate_config)
+    cfg = tiny_cfg("quickstart/retinanet.yaml", *GHM_OPTS, "MODEL.EAPM.CLS.ENABLED", True)
+    with pytest.raises(ValueError, match="eapm_cls_mu 0"):
+        build_model(cfg)
+    cfg = tiny_cfg("quickstart/retinanet.yaml", *GHM_OPTS, "MODEL.GHM.CLS.BINS", 0)
+    with pytest.raises(ValueError, match="bins"):
+        build_model(cfg)
+
+
+# -------------------------------------------------------------- mixed precision, determinism
+
+
+def test_eapm_retinanet_under_bf16_autocast(one_thread):
+    """Forward + backward of EAPMRetinaNet (EAPM focal + EAPM balanced L1) under CPU
+    bf16 autocast: the head's outputs are bf16, the losses float32 and finite, every
+    parameter's gradient finite, non-zero in head and backbone, the losses close to float32's.
+
+    The images are 128 px, not 64: at 64 px P7's conv (3x3, stride 2, padding 1) gets a
+    1x1 input, and for a bf16 convolution whose input is 1 px wide with stride 2 the
+    backward-weights kernel of oneDNN 3.3.6 (torch 2.3.1, AVX-512 CPUs: ``jit_bf16:
+    avx512_core_bf16``) leaves the padding columns' weight gradients uninitialised: P7's
+    gradient then held whatever memory oneDNN read (non-finite in some runs, whatever the
+    test order or seed). At 128 px every stride-2 convolution sees at least 2 px."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)  # the initial weights; the batch has its own generator
+    # the all-reduced normaliser (= this batch's positive count on one process) is stateless,
+    # unlike the EMA: both forward passes are divided by the same number
+    model = build_model(
+        tiny_cfg("quickstart/eapm_retinanet.yaml", "MODEL.LOSS_NORMALIZER.TYPE", "all_reduce")
+    )
+    batch = make_batch(2, size=128, num_boxes=(3, 1))
+    dtypes = []
+    model.head.register_forward_hook(lambda m, i, o: dtypes.append(o[0][0].dtype))
+    with EventStorage(0):
+        ref = {k: float(v) for k, v in model(batch).items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(batch)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert set(losses) == {"loss_cls", "loss_box_reg"}
+    for k, v in losses.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+        assert float(v) == pytest.approx(ref[k], rel=0.25), k
+    sum(losses.values()).backward()
+    norms = grad_norms(
+        model, ["head.cls_score", "head.bbox_pred", "head.cls_subnet", "backbone.bottom_up"]
+    )
+    for k, n in norms.items():
+        assert math.isfinite(n) and n > 0, (k, n)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert [n for n, g in grads.items() if not torch.isfinite(g).all()] == []
+
+
+def test_same_seed_same_first_losses(one_thread):
+    """Two model builds with the same seed (detectron2's seed_all_rng) give bit-identical
+    losses and gradients on the same batch; another seed gives other losses."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.events import EventStorage
+
+    cfg = tiny_cfg("quickstart/eapm_retinanet.yaml")
+    batch = make_batch(2, num_boxes=(3, 1))
+
+    def run(seed):
+        seed_all_rng(seed)
+        model = build_model(cfg)
+        with EventStorage(0):
+            losses = model(batch)
+        sum(losses.values()).backward()
+        return {k: v.item() for k, v in losses.items()}, [
+            p.grad.clone() for p in model.parameters() if p.grad is not None
+        ]
+
+    (a, ga), (b, gb), (c, _) = run(1), run(1), run(2)
+    assert a == b
+    assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert a != c
+
+
+# ----------------------------------------------------------- the quickstart recipe's configs
+
+
+def test_recipe_0_3_config_is_the_recipe_before_0_4():
+    """configs/quickstart/eapm_retinanet_0.3.yaml rebuilds the quickstart model of 0.3
+    (detectron2's R-18 at width 64, contiguous memory, one loader worker) and the 0.4 / 0.5
+    recipe (eapm_retinanet_0.5.yaml) is a narrower network in channels-last, loading in the main
+    process; the rest (data, losses, schedule) is the same."""
+    from detectron2.modeling import build_model
+
+    old = repo_cfg("quickstart/eapm_retinanet_0.3.yaml", "MODEL.EAPM.COMPILE", False)
+    new = repo_cfg("quickstart/eapm_retinanet_0.5.yaml", "MODEL.EAPM.COMPILE", False)
+    assert old.MODEL.BACKBONE.NAME == "build_retinanet_resnet_fpn_backbone"
+    assert not old.MODEL.CHANNELS_LAST and new.MODEL.CHANNELS_LAST
+    assert new.MODEL.BACKBONE.NAME == "build_retinanet_slim_resnet_fpn_backbone"
+    torch.manual_seed(0)
+    n_old = sum(p.numel() for p in build_model(old).parameters())
+    n_new = sum(p.numel() for p in build_model(new).parameters())
+    assert n_new < n_old / 2
+    for key in ("SOLVER", "DATASETS", "INPUT", "SEED"):
+        assert old[key] == new[key], key
+    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (
+        1000,
+        (750, 900),
+        50,
+    )
+    # the batches do not depend on the number of workers (exactly resumable loader)
+    assert old.DATALOADER.NUM_WORKERS == 1 and new.DATALOADER.NUM_WORKERS == 0
+    assert new.DATALOADER.EXACT_RESUME
+    old.DATALOADER.NUM_WORKERS = new.DATALOADER.NUM_WORKERS
+    assert old.DATALOADER == new.DATALOADER
+    assert old.MODEL.EAPM == new.MODEL.EAPM and old.MODEL.RETINANET == new.MODEL.RETINANET
+    assert old.MODEL.ANCHOR_GENERATOR == new.MODEL.ANCHOR_GENERATOR
+
+
+def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
+    """eapm_retinanet_0.5.yaml is the quickstart with the head (two convs per tower) on P3-P7
+    (RetinaNet's FPN, P6 and P7 from res5) for 1000 iterations; the quickstart's head (one conv
+    per tower) reads P2-P6 (the R-CNN FPN on the same ResNet, P6 max-pooled) for 600. Nothing
+    else differs; the baseline is the same network; the LazyConfig twin follows the quickstart."""
+    from detectron2.config import LazyConfig
+
+    from eapm.utils.testing import get_config_file
+
+    old = repo_cfg("quickstart/eapm_retinanet_0.5.yaml")
+    new = repo_cfg("quickstart/eapm_retinanet.yaml")
+    base = repo_cfg("quickstart/retinanet.yaml")
+    assert new.MODEL.BACKBONE.NAME == base.MODEL.BACKBONE.NAME == "build_slim_resnet_fpn_backbone"
+    assert new.MODEL.RETINANET.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"]
+    assert old.MODEL.RETINANET.IN_FEATURES == ["p3", "p4", "p5", "p6", "p7"]
+    assert new.MODEL.RESNETS.OUT_FEATURES == new.MODEL.FPN.IN_FEATURES == [
+        "res2", "res3", "res4", "res5"
+    ]  # fmt: skip
+    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (600, (450, 540), 30)
+    assert (new.MODEL.RETINANET.NUM_CONVS, old.MODEL.RETINANET.NUM_CONVS) == (1, 2)
+    changed = {
+        "MODEL.BACKBONE.NAME", "MODEL.RESNETS.OUT_FEATURES", "MODEL.FPN.IN_FEATURES",
+        "MODEL.RETINANET.IN_FEATURES", "MODEL.RETINANET.NUM_CONVS", "SOLVER.MAX_ITER",
+        "SOLVER.STEPS",
+        "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "OUTPUT_DIR",
+    }  # fmt: skip
+
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            if hasattr(v, "items"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    assert {k for k in a if a[k] != b[k]} == changed
+    lazy = LazyConfig.load(get_config_file("quickstart/eapm_retinanet.py"))
+    assert lazy.train.channels_last is True
+    assert lazy.dataloader.train.num_workers == new.DATALOADER.NUM_WORKERS
+    assert lazy.model.head_in_features == new.MODEL.RETINANET.IN_FEATURES
+    assert lazy.model.backbone.in_features == new.MODEL.FPN.IN_FEATURES
+    assert lazy.model.anchor_generator.strides == [4, 8, 16, 32, 64]
+    assert lazy.model.head.conv_dims == [64] * new.MODEL.RETINANET.NUM_CONVS
+    assert lazy.train.max_iter == new.SOLVER.MAX_ITER
+    sched = lazy.lr_multiplier
+    assert sched.scheduler.milestones == list(new.SOLVER.STEPS)
+    assert sched.warmup_length * new.SOLVER.MAX_ITER == new.SOLVER.WARMUP_ITERS
+    stages = lazy.model.backbone.bottom_up.stages
+    assert (stages.stem_channels, stages.res2_channels) == (
+        new.MODEL.RESNETS.STEM_OUT_CHANNELS,
+        new.MODEL.RESNETS.RES2_OUT_CHANNELS,
+    )

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from eapm.utils.benchmark import Reporter, interleaved, quantile, ratio_stats
-from tests.helpers import REPO
+from tests.helpers import REPO, TOOLS
 
 TOOL = os.path.join(REPO, "tools", "benchmark.py")
 RATIO = re.compile(r"^  ratio (.+?): (\S+)x")
@@ -244,3 +244,78 @@ def test_benchmark_smoke_ghm_section_on_cpu(tmp_path):
     assert syncs["eapm GHMC"] == 0 and syncs["eapm GHMR"] == 0
     assert syncs["GHM-C per-bin loop"] > 30
     assert "  syncs eapm GHMC: 0" in stdout
+
+
+# ------------------------------------------- the recipe section (tools/benchmarks/recipe.py)
+
+
+def test_interleaved_trainings_rotate_and_run_every_training_to_its_end(monkeypatch):
+    """tools/benchmarks/recipe.py --recipe-train: one iteration of each training in turn, the
+    first of a round rotating over those with iterations left; each runs exactly its
+    max_iter; the times are the clock's differences around each step."""
+    monkeypatch.syspath_prepend(TOOLS)  # tools/benchmarks, as tools/benchmark.py imports it
+    from benchmarks.recipe import _interleaved_trainings
+
+    log, clock = [], [0.0]
+
+    class Fake:
+        def __init__(self, name, max_iter, cost):
+            self.name, self.max_iter, self.cost, self.next_iter = name, max_iter, cost, 0
+
+        def step(self):
+            log.append((self.name, self.next_iter))
+            clock[0] += self.cost
+            self.next_iter += 1
+
+    times = _interleaved_trainings(
+        {"a": Fake("a", 3, 0.5), "b": Fake("b", 2, 0.25)}, clock=lambda: clock[0]
+    )
+    assert log == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2)]
+    assert times == {"a": [0.5, 0.5, 0.5], "b": [0.25, 0.25]}
+
+
+@pytest.mark.slow
+def test_benchmark_recipe_section_trains_both_recipes(tmp_path):
+    """tools/benchmark.py --only recipe: both quickstart recipes take training steps on the
+    embedded dataset (tiny batches here) and the ratios are printed and finite."""
+    from eapm.data import shapes
+
+    root = shapes.ensure_generated(str(tmp_path / "data" / "eapm_shapes"))
+    stdout, reports, ratios = run_benchmark(
+        tmp_path, "--only", "recipe", "--recipe-iters", "2", "--warmup", "1",
+        "--recipe-opts", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.EMBEDDED_ROOT", root,
+    )  # fmt: skip
+    labels = [label for label, _ in ratios]
+    new, old = "quickstart/eapm_retinanet.yaml", "quickstart/eapm_retinanet_0.5.yaml"
+    assert labels == [f"{new} / {old}"], stdout
+    assert all(math.isfinite(r) and r > 0 for _, r in ratios), ratios
+    assert f"training time {new} / {old}: " in stdout
+    total = reports["[recipe] training time"]
+    assert math.isfinite(total["ratio"]) and total["ratio"] > 0
+    assert os.path.isdir(root)
+
+
+@pytest.mark.slow
+def test_benchmark_recipe_train_prints_time_and_ap_side_by_side(tmp_path):
+    """tools/benchmark.py --only recipe --recipe-train: both recipes train to their end (2
+    iterations here), are evaluated, and the report has each one's time, AP and the ratio."""
+    from eapm.data import shapes
+
+    root = shapes.ensure_generated(str(tmp_path / "data" / "eapm_shapes"))
+    stdout, reports, _ = run_benchmark(
+        tmp_path, "--only", "recipe", "--recipe-train",
+        "--recipe-opts", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+        "TEST.DETECTIONS_PER_IMAGE", "5", "DATASETS.EMBEDDED_ROOT", root,
+    )  # fmt: skip
+    new, old = "quickstart/eapm_retinanet.yaml", "quickstart/eapm_retinanet_0.5.yaml"
+    report = reports["[recipe] whole trainings"]
+    assert set(report) == {new, old}
+    for r in report.values():
+        assert r["iters"] == 2 and r["train_s"] > 0 and r["eval_s"] > 0
+        assert 1.0 < r["mean_mf"] <= 1 + math.tanh(1.5)  # both train EAPM focal mu 1.5
+    assert report[old]["train_ratio"] == 1.0
+    assert report[new]["train_ratio"] == pytest.approx(
+        report[new]["train_s"] / report[old]["train_s"]
+    )
+    assert f"training time {new} / {old}: " in stdout

@@ -1,6 +1,8 @@
-"""The fused loss kernels: compiled (torch.compile) and eager paths give the same
-results; only a compiler error falls back to eager (once, one warning); the eager
-kernels' chunking on CPU."""
+"""eapm/losses/runtime.py, the runtime of the fused loss kernels (EAPM focal and balanced L1):
+compiled (torch.compile) and eager paths give the same results; only a compiler error falls back
+to eager (once, one warning); the eager kernels' chunking on CPU; the hard examples' series
+branches against float64 closed forms; the dtype policy (half inputs computed in float32,
+under autocast too), empty inputs, and finite losses and gradients for any finite input."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from eapm import losses
-from eapm.losses import runtime
+from eapm.losses import eapm_balanced_l1_loss, eapm_sigmoid_focal_loss, runtime
 
 
 @pytest.fixture
@@ -363,3 +365,133 @@ def test_inductor_kernels_on_hard_examples(fresh_kernels):
             (eager_grad,) = torch.autograd.grad(eager[0].sum(), xe)
             for a, b in zip(got + (got_grad,), eager + (eager_grad,)):
                 torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
+
+
+# ---------------------------------------------------- dtype policy, empty inputs, finiteness
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    """fp16 / bf16 inputs: EAPM focal loss and EAPM balanced L1 compute in float32 (the same
+    values as on the float32 copies of the inputs), return float32, with and without CPU bf16
+    autocast, and give a finite gradient of the input's dtype."""
+    g = torch.Generator().manual_seed(1)
+    x32 = torch.randn(64, 5, generator=g) * 4
+    t = (torch.rand(64, 5, generator=g) < 0.2).float()
+    xh = x32.to(dtype).requires_grad_()
+    loss = eapm_sigmoid_focal_loss(xh, t.to(dtype), 1.5)
+    assert loss.dtype == torch.float32
+    ref = eapm_sigmoid_focal_loss(xh.detach().float(), t, 1.5)
+    torch.testing.assert_close(loss, ref)  # same float32 computation, no half rounding inside
+    loss.sum().backward()
+    assert xh.grad.dtype == dtype and torch.isfinite(xh.grad.float()).all()
+    # under CPU autocast too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la = eapm_sigmoid_focal_loss(xh, t, 1.5, reduction="sum")
+    assert la.dtype == torch.float32 and torch.isfinite(la)
+
+    # both EAPM losses, summed, with and without autocast
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(256, 4, generator=g) * 5).to(dtype).requires_grad_()
+    t = (torch.rand(256, 4, generator=g) < 0.3).to(dtype)
+    gt = torch.randn(256, 4, generator=g).to(dtype)
+    for fn, args in ((eapm_sigmoid_focal_loss, (t, 1.5)), (eapm_balanced_l1_loss, (gt, 1.0))):
+        for ctx in (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autocast("cpu", enabled=False),
+        ):
+            with ctx:
+                loss = fn(x, *args, reduction="sum")
+            ref = fn(
+                x.detach().float().requires_grad_(),
+                *(a.float() if torch.is_tensor(a) else a for a in args),
+                reduction="sum",
+            )
+            assert loss.dtype == torch.float32
+            torch.testing.assert_close(
+                loss, ref.detach(), rtol=1e-6, atol=0
+            )  # float32 math on the same values
+            (gx,) = torch.autograd.grad(loss, x)
+            assert gx.dtype == dtype and torch.isfinite(gx.float()).all() and gx.abs().sum() > 0
+
+
+def test_empty_inputs_zero_with_grad_path():
+    x = torch.zeros(0, 80, requires_grad=True)
+    t = torch.zeros(0, 80)
+    for red in ("sum", "mean"):
+        loss = eapm_sigmoid_focal_loss(x, t, 1.5, reduction=red)
+        assert float(loss) == 0.0
+        loss.backward()
+    d = torch.zeros(0, 4, requires_grad=True)
+    for red in ("sum", "mean"):
+        loss = eapm_balanced_l1_loss(d, torch.zeros(0, 4), 1.0, reduction=red)
+        assert float(loss) == 0.0 and loss.requires_grad
+        loss.backward()
+    assert d.grad is not None and d.grad.shape == (0, 4)
+
+
+def test_eapm_property_finite_loss_stays_finite():
+    """EAPM never turns a finite base loss into NaN/Inf: random and extreme inputs."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (1.0, 10.0, 100.0, 1e4):
+        x = (torch.randn(4000, generator=g) * scale).requires_grad_()
+        t = (torch.rand(4000, generator=g) < 0.5).float()
+        for mu in (0.0, 0.1, 1.5, 5.0, 50.0):
+            loss = eapm_sigmoid_focal_loss(x, t, mu)
+            (gr,) = torch.autograd.grad(loss.sum(), x)
+            assert torch.isfinite(loss).all() and torch.isfinite(gr).all(), (scale, mu)
+        p = (torch.randn(1000, 4, generator=g) * scale).requires_grad_()
+        q = torch.randn(1000, 4, generator=g) * scale
+        q[::7] = 0.0
+        p.data[::7] = 0.0
+        for theta in (0.0, 1.0, 50.0):
+            for beta in (1.0, 0.11):
+                loss = eapm_balanced_l1_loss(p, q, theta, beta=beta)
+                (gr,) = torch.autograd.grad(loss.sum(), p)
+                assert torch.isfinite(loss).all() and torch.isfinite(gr).all(), (scale, theta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_eapm_finite_for_extreme_half_inputs(dtype):
+    """Extends test_losses' float32 property test to half inputs: logits up to +-1e4
+    (and +-max of the dtype's safe range), exact 0/1 targets, deltas where the prediction,
+    the target or both are 0 (GoS 1 or 0/0), huge deltas."""
+    from eapm.losses import (
+        balanced_l1_loss,
+        eapm_balanced_l1_loss,
+        eapm_sigmoid_focal_loss,
+        sigmoid_focal_loss,
+    )
+
+    g = torch.Generator().manual_seed(7)
+    for scale in (1e-3, 1.0, 30.0, 1e4):
+        x = torch.randn(3000, generator=g) * scale
+        x[:4] = torch.tensor([scale, -scale, 0.0, -0.0])
+        x = x.to(dtype).requires_grad_()
+        t = (torch.rand(3000, generator=g) < 0.5).to(dtype)
+        base = sigmoid_focal_loss(x, t)
+        assert torch.isfinite(base).all()
+        for mu in (0.1, 1.5, 20.0):
+            loss = eapm_sigmoid_focal_loss(x, t, mu)
+            (gr,) = torch.autograd.grad(loss.sum(), x)
+            assert torch.isfinite(loss).all() and torch.isfinite(gr.float()).all(), (
+                dtype,
+                scale,
+                mu,
+            )
+        p = torch.randn(999, 4, generator=g) * scale
+        q = torch.randn(999, 4, generator=g) * scale
+        p[0::3] = 0.0  # prediction 0
+        q[1::3] = 0.0  # target 0
+        p[2::9], q[2::9] = 0.0, 0.0  # both 0 (GoS 0/0)
+        p = p.to(dtype).requires_grad_()
+        q = q.to(dtype)
+        assert torch.isfinite(balanced_l1_loss(p, q, beta=0.11)).all()
+        for theta in (0.5, 1.0, 20.0):
+            loss = eapm_balanced_l1_loss(p, q, theta, beta=0.11)
+            (gr,) = torch.autograd.grad(loss.sum(), p)
+            assert torch.isfinite(loss).all() and torch.isfinite(gr.float()).all(), (
+                dtype,
+                scale,
+                theta,
+            )

@@ -1,10 +1,11 @@
-"""The dataset checks of eapm.data.validate, in process: each bad case gets a DatasetError
-naming the dataset, the json file and the id / file at fault; the recoverable cases pass;
-the result is cached per json file outside the repository.
+"""eapm/data/validate.py, the dataset checks (``check_coco_dataset``), in process: each bad case
+gets a DatasetError naming the dataset, the json file and the id / file at fault; the
+recoverable cases pass; the per-image checks at each level (its image_check.py) and the result
+cached per json file outside the repository (its check_cache.py).
 
-(In tests/modeling/test_robustness.py, through the lazy DatasetCatalog path: a missing
-image, negative / NaN box sizes, an unknown category id, no categories, a truncated json,
-category ids from 0. Not repeated here.)"""
+(In test_register.py, through the lazy DatasetCatalog path: a missing image, negative / NaN box
+sizes, an unknown category id, no categories, a truncated json, category ids from 0. Not
+repeated here.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from eapm.data import DatasetError, DatasetFileNotFoundError, check_cache, check_coco_dataset
 from eapm.data import image_check as image_check_module
 from eapm.data import validate as validate_module
-from tests.helpers import REPO, dump, make_coco
+from tests.helpers import REPO, dataset_cfg, dataset_in, dump, truncate_file
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +44,6 @@ def opened(monkeypatch):
 
     monkeypatch.setattr(image_check_module, "inspect_image", counting)
     return paths
-
-
-def _dataset(tmp_path, num_images=3, **kw):
-    coco = make_coco(str(tmp_path), "imgs", num_images=num_images, **kw)
-    return coco, str(tmp_path / "imgs")
 
 
 def _check(tmp_path, coco, level="decode", workers=1, name="d"):
@@ -82,14 +78,14 @@ def test_json_not_utf8(tmp_path):
 
 
 def test_empty_dataset_names_it(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["images"], coco["annotations"] = [], []
     with pytest.raises(DatasetError, match=_where(tmp_path) + r"the dataset is empty"):
         _check(tmp_path, coco)
 
 
 def test_duplicate_image_id(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["images"][2]["id"] = coco["images"][0]["id"]
     with pytest.raises(
         DatasetError,
@@ -99,11 +95,11 @@ def test_duplicate_image_id(tmp_path):
 
 
 def test_duplicate_annotation_and_category_ids(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["annotations"][2]["id"] = coco["annotations"][0]["id"]
     with pytest.raises(DatasetError, match=_where(tmp_path) + "annotation id 1 appears twice"):
         _check(tmp_path, coco)
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["categories"].append({"id": 2, "name": "again"})
     with pytest.raises(DatasetError, match=r"category id 2 appears twice \('class2' and 'again'\)"):
         _check(tmp_path, coco)
@@ -113,7 +109,7 @@ def test_duplicate_annotation_and_category_ids(tmp_path):
     "bbox", [[1.0, 2.0, float("inf"), 4.0], [float("-inf"), 2.0, 3.0, 4.0], [1, 2, "3", 4]]
 )
 def test_infinite_or_non_numeric_box_names_annotation(tmp_path, bbox):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["annotations"][2]["bbox"] = bbox
     with pytest.raises(
         DatasetError, match=_where(tmp_path) + r"annotation 3 of .*imgs/001\.png has an invalid box"
@@ -122,7 +118,7 @@ def test_infinite_or_non_numeric_box_names_annotation(tmp_path, bbox):
 
 
 def test_unknown_category_is_a_dataset_error(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["annotations"][0]["category_id"] = 9
     with pytest.raises(DatasetError, match=_where(tmp_path) + "annotation 1 .* category_id 9"):
         _check(tmp_path, coco)
@@ -130,14 +126,14 @@ def test_unknown_category_is_a_dataset_error(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("width", 0), ("height", None), ("width", "64")])
 def test_image_without_positive_size(tmp_path, key, value):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["images"][1][key] = value
     with pytest.raises(DatasetError, match=r"image 2 '001\.png' needs a positive 'width'"):
         _check(tmp_path, coco)
 
 
 def test_ignore_flag_rejected(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["annotations"][1]["ignore"] = 1
     with pytest.raises(DatasetError, match="annotation 2 of .* sets 'ignore'"):
         _check(tmp_path, coco)
@@ -146,12 +142,6 @@ def test_ignore_flag_rejected(tmp_path):
 # ---------------------------------------------------------------------------
 # per-image checks: which level finds what
 # ---------------------------------------------------------------------------
-def _truncate(path, keep=0.5):
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[: int(len(data) * keep)])
-
-
 def _jpeg(tmp_path, coco, index):
     """Re-encode image ``index`` of ``coco`` as a JPEG (the json renamed to match)."""
     import cv2
@@ -165,8 +155,8 @@ def _jpeg(tmp_path, coco, index):
 
 
 def test_truncated_png_found_by_decoding_only(tmp_path, opened):
-    coco, imgs = _dataset(tmp_path)
-    _truncate(os.path.join(imgs, "001.png"))
+    coco, imgs = dataset_in(tmp_path)
+    truncate_file(os.path.join(imgs, "001.png"))
     assert _check(tmp_path, coco, level="header")["images"] == 3  # the header is intact
     assert len(opened) == 3
     with pytest.raises(DatasetError) as e:
@@ -179,15 +169,15 @@ def test_truncated_png_found_by_decoding_only(tmp_path, opened):
 
 
 def test_truncated_jpeg(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     path = _jpeg(tmp_path, coco, 2)
-    _truncate(path, 0.6)
+    truncate_file(path, 0.6)
     with pytest.raises(DatasetError, match=rf"image 3 '{re.escape(path)}' is corrupt or truncated"):
         _check(tmp_path, coco)
 
 
 def test_not_an_image_found_from_the_header(tmp_path):
-    coco, imgs = _dataset(tmp_path)
+    coco, imgs = dataset_in(tmp_path)
     with open(os.path.join(imgs, "000.png"), "wb") as f:
         f.write(b"this is no image" * 10)
     with pytest.raises(DatasetError, match=r"image 1 '.*000\.png' is not an image file Pillow"):
@@ -195,7 +185,7 @@ def test_not_an_image_found_from_the_header(tmp_path):
 
 
 def test_missing_image_is_file_not_found_with_count(tmp_path):
-    coco, imgs = _dataset(tmp_path)
+    coco, imgs = dataset_in(tmp_path)
     os.remove(os.path.join(imgs, "000.png"))
     os.remove(os.path.join(imgs, "002.png"))
     with pytest.raises(DatasetFileNotFoundError) as e:
@@ -205,7 +195,7 @@ def test_missing_image_is_file_not_found_with_count(tmp_path):
 
 
 def test_size_differs_from_json_found_from_the_header(tmp_path, opened):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["images"][1]["height"] = 48
     with pytest.raises(
         DatasetError,
@@ -221,7 +211,7 @@ def test_exif_orientation_counts_as_detectron2_reads_it(tmp_path):
     from detectron2.data.detection_utils import read_image
     from PIL import Image
 
-    coco, imgs = _dataset(tmp_path, num_images=1, boxes_per_image=(0,))
+    coco, imgs = dataset_in(tmp_path, num_images=1, boxes_per_image=(0,))
     im = coco["images"][0]
     im["file_name"], im["width"], im["height"] = "rot.jpg", 64, 48
     exif = Image.Exif()
@@ -237,9 +227,9 @@ def test_exif_orientation_counts_as_detectron2_reads_it(tmp_path):
 
 
 def test_first_bad_image_in_json_order_is_named_with_the_count(tmp_path, caplog):
-    coco, imgs = _dataset(tmp_path, num_images=12)
+    coco, imgs = dataset_in(tmp_path, num_images=12)
     for i in (3, 7, 10):
-        _truncate(os.path.join(imgs, f"{i:03d}.png"))
+        truncate_file(os.path.join(imgs, f"{i:03d}.png"))
     with caplog.at_level(logging.ERROR, logger="eapm.data.validate"):
         with pytest.raises(DatasetError) as e:
             _check(tmp_path, coco, workers=4)
@@ -253,7 +243,7 @@ def test_first_bad_image_in_json_order_is_named_with_the_count(tmp_path, caplog)
 
 
 def test_unknown_level(tmp_path):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     with pytest.raises(ValueError, match="check level must be one of"):
         _check(tmp_path, coco, level="full")
 
@@ -267,7 +257,7 @@ def test_recoverable_images_and_boxes_pass(tmp_path, caplog):
     box outside."""
     import cv2
 
-    coco, imgs = _dataset(tmp_path, num_images=4, cat_ids=(0, 5))
+    coco, imgs = dataset_in(tmp_path, num_images=4, cat_ids=(0, 5))
     rng = np.random.default_rng(0)
     cv2.imwrite(os.path.join(imgs, "000.png"), rng.integers(0, 255, (64, 64), np.uint8))
     rgba = rng.integers(0, 255, (64, 64, 4), np.uint8)
@@ -289,7 +279,7 @@ def test_recoverable_images_and_boxes_pass(tmp_path, caplog):
 # the cache
 # ---------------------------------------------------------------------------
 def test_second_check_opens_no_image_and_changes_are_rechecked(tmp_path, cache, opened):
-    coco, imgs = _dataset(tmp_path, num_images=5)
+    coco, imgs = dataset_in(tmp_path, num_images=5)
     _check(tmp_path, coco)
     assert len(opened) == 5
     files = os.listdir(cache / "dataset_checks")
@@ -303,14 +293,14 @@ def test_second_check_opens_no_image_and_changes_are_rechecked(tmp_path, cache, 
 
     # an image that changed after the check is opened again (and found truncated)
     validate_module._CHECKED.clear()
-    _truncate(os.path.join(imgs, "003.png"))
+    truncate_file(os.path.join(imgs, "003.png"))
     with pytest.raises(DatasetError, match=r"image 4 '.*003\.png' is corrupt"):
         check_coco_dataset("d", str(tmp_path / "ann.json"), imgs)
     assert opened == [os.path.join(imgs, "003.png")]
 
 
 def test_changed_json_is_checked_again_unchanged_images_are_not(tmp_path, opened):
-    coco, imgs = _dataset(tmp_path, num_images=4)
+    coco, imgs = dataset_in(tmp_path, num_images=4)
     _check(tmp_path, coco)
     opened.clear()
     validate_module._CHECKED.clear()
@@ -325,7 +315,7 @@ def test_changed_json_is_checked_again_unchanged_images_are_not(tmp_path, opened
 
 
 def test_header_level_after_decode_level_uses_the_cache(tmp_path, opened):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     _check(tmp_path, coco, level="decode")
     opened.clear()
     validate_module._CHECKED.clear()
@@ -348,7 +338,7 @@ def test_cache_folder(monkeypatch, tmp_path):
 
 
 def test_unwritable_or_broken_cache_is_not_fatal(tmp_path, cache, opened, caplog):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     cache.parent.mkdir(exist_ok=True)
     cache.write_text("a file where the folder should be")
     with caplog.at_level(logging.WARNING, logger="eapm.data.check_cache"):
@@ -369,57 +359,8 @@ def test_unwritable_or_broken_cache_is_not_fatal(tmp_path, cache, opened, caplog
         assert json.load(f)["version"] == check_cache.VERSION  # rewritten
 
 
-# ---------------------------------------------------------------------------
-# registration from a config: the datasets a run uses are checked at once
-# ---------------------------------------------------------------------------
-def _cfg(entries, train=(), test=(), embedded=""):
-    from detectron2.config import get_cfg
-
-    from eapm.config import add_eapm_config
-
-    cfg = get_cfg()
-    add_eapm_config(cfg)
-    cfg.DATASETS.COCO_JSON = [list(e) for e in entries]
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
-    cfg.DATASETS.EMBEDDED_ROOT = embedded
-    return cfg
-
-
-def test_register_from_config_checks_the_used_datasets_now(tmp_path):
-    from detectron2.data import DatasetCatalog
-
-    from eapm.data import register_from_config
-
-    coco, imgs = _dataset(tmp_path)
-    _truncate(os.path.join(imgs, "002.png"))
-    js = dump(coco, str(tmp_path / "ann.json"))
-    tag = abs(hash(str(tmp_path))) % 10**8
-    lazy, used = f"lazy_{tag}", f"used_{tag}"
-    embedded = str(tmp_path / "no_embedded")
-    # registered but not used by the run: checked when first loaded
-    register_from_config(_cfg([[lazy, js, imgs]], embedded=embedded))
-    with pytest.raises(DatasetError, match=rf"Dataset '{lazy}' .* is corrupt"):
-        DatasetCatalog.get(lazy)
-    with pytest.raises(DatasetError, match=rf"Dataset '{used}' .*image 3 .* is corrupt"):
-        register_from_config(_cfg([[used, js, imgs]], test=[used], embedded=embedded))
-    assert not os.path.exists(embedded)
-
-
-def test_training_set_without_annotations_rejected(tmp_path):
-    from eapm.data import register_from_config
-
-    coco, imgs = _dataset(tmp_path, boxes_per_image=(0,))
-    js = dump(coco, str(tmp_path / "ann.json"))
-    name = f"noanns_{abs(hash(str(tmp_path))) % 10**8}"
-    cfg = _cfg([[name, js, imgs]], train=[name], embedded=str(tmp_path / "e"))
-    with pytest.raises(DatasetError, match=rf"Dataset '{name}' .*: none of its 0 annotations"):
-        register_from_config(cfg)
-    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # all-background training is allowed
-    register_from_config(cfg)
-
-
 def _polygons_only(tmp_path, polygon):
-    coco, imgs = _dataset(tmp_path)
+    coco, imgs = dataset_in(tmp_path)
     for ann in coco["annotations"]:
         ann["segmentation"] = [list(polygon)]
     return coco, imgs
@@ -436,7 +377,9 @@ def test_a_training_set_whose_polygons_detectron2_drops_is_rejected(tmp_path):
         summary["warnings"]
     )
     name = f"oddpoly_{abs(hash(str(tmp_path))) % 10**8}"
-    cfg = _cfg([[name, str(tmp_path / "ann.json"), imgs]], train=[name], embedded=str(tmp_path))
+    cfg = dataset_cfg(
+        [[name, str(tmp_path / "ann.json"), imgs]], train=[name], embedded=str(tmp_path)
+    )
     with pytest.raises(DatasetError, match=rf"'{name}' .*none of its {n} annotations survives"):
         register_from_config(cfg)
 
@@ -461,7 +404,7 @@ def test_valid_polygons_and_rle_are_trainable(tmp_path):
     ],
 )
 def test_a_segmentation_detectron2_cannot_read_names_the_annotation(tmp_path, segmentation, match):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     coco["annotations"][1]["segmentation"] = segmentation
     with pytest.raises(DatasetError, match=_where(tmp_path) + r"annotation 2 of .*" + match):
         _check(tmp_path, coco)
@@ -480,7 +423,7 @@ def test_a_segmentation_detectron2_cannot_read_names_the_annotation(tmp_path, se
     ],
 )
 def test_ids_of_other_types_and_nul_bytes_name_the_entry(tmp_path, where, value, match):
-    coco, _ = _dataset(tmp_path)
+    coco, _ = dataset_in(tmp_path)
     target = {"image": ("images", "id"), "annotation": ("annotations", "id"),
               "image_id": ("annotations", "image_id"), "category": ("categories", "id"),
               "category_id": ("annotations", "category_id"),

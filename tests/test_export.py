@@ -1,7 +1,7 @@
-"""Export of every EAPM detector (detectron2.export), each written file run by its runtime
-(``torch.jit.load`` after ``import torchvision``; onnxruntime) and compared with the eager
-model on the image it was traced on and on one it was not (other content, other size: every
-export here takes images of any size).
+"""eapm/export.py: export of every EAPM detector (detectron2.export), each written file run by
+its runtime (``torch.jit.load`` after ``import torchvision``; onnxruntime) and compared with the
+eager model on the image it was traced on and on one it was not (other content, other size:
+every export here takes images of any size).
 
 Tolerances. TorchScript runs the eager model's ATen kernels in the eager order: bitwise equal
 (measured 0.0 for every detector), so the TorchScript tests ask for exact equality.
@@ -12,13 +12,13 @@ here up to 9.2e-4 px (boxes) and 2.6e-5 (scores), and onnxruntime vs eager up to
 and 2.5e-5 (docs/deployment.md has the table). ONNX_BOX_ATOL / ONNX_SCORE_ATOL are ~8x those:
 far below anything a detection metric sees (1.6e-4 of a 64 px image), far above rounding.
 Detections are paired by class and box (``compare_detections``) since the random tiny heads
-give near-equal scores whose order float32 rounding may swap.
+give near-equal scores whose order float32 rounding may swap. (tools/export_model.py end to
+end: tools/test_export_model.py.)
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import re
 import subprocess
@@ -37,7 +37,7 @@ from eapm.export import (
     export_tracing,
     load_exported,
 )
-from tests.helpers import REPO, env, tiny_cfg
+from tests.helpers import ONNX_BOX_ATOL, ONNX_SCORE_ATOL, env, require_module, tiny_cfg
 
 # every EAPM detector, tiny (R-18, 32-channel FPN), with a score threshold that keeps
 # detections of a randomly initialised head. FCOS's head norm "" (not the config's GN): GN
@@ -79,20 +79,6 @@ NOT_SCRIPTABLE = {
     "eapm_libra_rcnn": "Module 'LibraROIHeads' has no attribute 'mask_pooler'",
     "eapm_libra_roi_heads_fpn": "Module 'LibraROIHeads' has no attribute 'mask_pooler'",
 }
-
-ONNX_BOX_ATOL = 1e-2  # pixels
-ONNX_SCORE_ATOL = 2e-4
-
-
-def _require(module: str):
-    """The module; a skip where it is not installed, a failure under CI=true (the CI
-    environment has it: a skip there would hide that exports no longer run)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{module} is not installed (CI=true): {e}")
-        pytest.skip(f"{module} is not installed")
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,8 +134,8 @@ def test_torchscript_scripting_unsupported(name, tmp_path):
 
 @pytest.mark.parametrize("name", ONNX)
 def test_onnx(name, tmp_path):
-    onnx = _require("onnx")
-    ort = _require("onnxruntime")
+    onnx = require_module("onnx")
+    ort = require_module("onnxruntime")
     model = _model(name)
     path, _ = export_tracing(model, _images()[0], str(tmp_path), fmt="onnx")
     onnx.checker.check_model(onnx.load(path))
@@ -164,7 +150,7 @@ def test_onnx(name, tmp_path):
 def test_onnx_bfp_not_exportable(name, tmp_path):
     """torch.onnx (2.3) cannot export the BFP's adaptive_max_pool2d, whose output size is the
     input-dependent size of another pyramid level: the documented error, no file left."""
-    _require("onnx")
+    require_module("onnx")
     with pytest.raises(RuntimeError, match="adaptive_max_pool2d") as e:
         export_tracing(_model(name), _images()[0], str(tmp_path), fmt="onnx")
     assert isinstance(e.value.__cause__, torch.onnx.errors.SymbolicValueError)
@@ -177,7 +163,7 @@ def test_onnx_non_local_block_sdpa_scale(tmp_path):
     scaled_dot_product_attention fails on an explicit float ``scale`` (the non-local block's
     scale=1.0; pytorch issue 125158, fixed in torch 2.5). When this test fails, torch exports
     it: update docs/deployment.md."""
-    _require("onnx")
+    require_module("onnx")
     from eapm.modeling.bfp import NonLocalBlock2d
 
     block = NonLocalBlock2d(8).eval()
@@ -191,7 +177,7 @@ def test_deployment_snippets(tmp_path):
     """The exported files run in a process that imports only what docs/deployment.md says
     (torch + torchvision; onnxruntime + numpy), not detectron2 or eapm; torch.jit.load
     without ``import torchvision`` fails on torchvision's nms op."""
-    _require("onnxruntime")
+    require_module("onnxruntime")
     model = _model("eapm_retinanet")
     trace_on, image = _images()
     ts, _ = export_tracing(model, trace_on, str(tmp_path / "ts"))
@@ -267,85 +253,3 @@ def test_compare_detections_pairs_by_class_and_box():
 def test_export_model_rejects_scripting_to_onnx(tmp_path):
     with pytest.raises(ValueError, match="tracing only"):
         export_model("unused.yaml", str(tmp_path), method="scripting", fmt="onnx")
-
-
-def _run_tool(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "export_model.py"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(2),
-    )
-
-
-@pytest.mark.slow
-def test_export_model_tool_onnx_from_checkpoint(tmp_path):
-    """tools/export_model.py end to end: a tiny model's checkpoint and its yacs config in, an
-    ONNX file out that onnxruntime runs with the checkpoint's weights (a model built without
-    them would not match), progress logged, both checks printed."""
-    _require("onnxruntime")
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    cfg = tiny_cfg(
-        "quickstart/eapm_retinanet.yaml",
-        "MODEL.EAPM.COMPILE",
-        False,
-        "MODEL.RETINANET.SCORE_THRESH_TEST",
-        0.001,
-    )
-    torch.manual_seed(1)
-    model = build_model(cfg).eval()
-    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("tiny")
-    (tmp_path / "tiny.yaml").write_text(cfg.dump())
-    out = tmp_path / "out"
-    proc = _run_tool(
-        "--config-file",
-        str(tmp_path / "tiny.yaml"),
-        "--format",
-        "onnx",
-        "--output",
-        str(out),
-        "MODEL.WEIGHTS",
-        str(tmp_path / "tiny.pth"),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    for line in ("building the model of", "loading the weights", "wrote", "running"):
-        assert line in log, log[-3000:]
-    assert "exported vs eager, sample (traced on) 64x64" in proc.stdout
-    assert "exported vs eager, noise (not traced on) 96x128" in proc.stdout
-    assert " 0 unmatched" in proc.stdout
-    # the written file, run here, is the checkpoint's model
-    g = torch.Generator().manual_seed(2)
-    image = torch.randint(0, 256, (3, 80, 112), generator=g).float()
-    c = compare_detections(
-        load_exported(str(out / "model.onnx"))(image), eager_inference(model, image)
-    )
-    assert c["unmatched"] == 0 and c["exported_detections"] == c["detections"] > 0, c
-    assert c["max_box_diff"] <= ONNX_BOX_ATOL and c["max_score_diff"] <= ONNX_SCORE_ATOL, c
-
-
-@pytest.mark.slow
-def test_export_model_tool_lazy_torchscript(tmp_path):
-    """tools/export_model.py with detectron2's flags on a LazyConfig, overrides last."""
-    out = tmp_path / "out"
-    proc = _run_tool(
-        "--config-file",
-        os.path.join(REPO, "configs", "quickstart", "eapm_retinanet.py"),
-        "--export-method",
-        "tracing",
-        "--format",
-        "torchscript",
-        "--output",
-        str(out),
-        "model.test_score_thresh=0.001",
-        "dataloader.test.mapper.augmentations.0.short_edge_length=64",
-        "dataloader.test.mapper.augmentations.0.max_size=64",
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert (out / "model.ts").is_file()
-    # TorchScript: bitwise the eager model's detections, also on the image it was not traced on
-    assert proc.stdout.count(" 0 unmatched, max |box diff| 0 px, max |score diff| 0\n") == 2
