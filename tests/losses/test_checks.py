@@ -5,12 +5,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from eapm.losses import check_balanced_l1_params, check_eapm_param, check_ghm_params
 from eapm.losses.checks import check_choice, check_number, is_number
 
 # values that are not numbers: a bool is not the number 1, a string is not its digits
-NOT_NUMBERS = [True, False, "2", "1.5", None, [1.0], b"1", complex(1, 0)]
+NOT_NUMBERS = [True, False, "2", "1.5", None, [1.0], b"1", complex(1, 0), torch.tensor(True),
+               torch.tensor([1.0]), np.array([2.0])]  # fmt: skip
 
 
 @pytest.mark.parametrize("value", NOT_NUMBERS)
@@ -28,7 +30,11 @@ def test_not_numbers_are_refused_everywhere(value):
             check_ghm_params(momentum=value)
 
 
-@pytest.mark.parametrize("value", [1, 1.0, np.float32(1.0), np.int64(1), np.float64(1.0)])
+@pytest.mark.parametrize(
+    "value",
+    [1, 1.0, np.float32(1.0), np.int64(1), np.float64(1.0), np.array(1.0), torch.tensor(1.0),
+     torch.tensor(1, dtype=torch.int64)],
+)  # fmt: skip
 def test_numbers_of_every_kind_are_accepted(value):
     assert check_number(value, "x", 0) == 1.0 and type(check_number(value, "x", 0)) is float
     assert check_eapm_param(value, "mu") == 1.0

@@ -1,7 +1,8 @@
 """The project's one rule for a numeric argument, and its rule for a choice.
 
 A number is a real number that is not a bool (``True`` is not the number 1 here) and not a
-string (``"2"`` is not 2): an int, a float, or a numpy scalar. Every module that checks a
+string (``"2"`` is not 2): an int, a float, a numpy scalar, or a zero-dimensional tensor or array
+holding one of those. Every module that checks a
 number uses ``check_number`` (or ``is_number``), so that the rule and its message are the same
 for a loss argument, a constructor argument and a trainer key. Pure Python.
 """
@@ -16,8 +17,16 @@ from typing import Any, Sequence
 __all__ = ["is_number", "check_number", "check_choice", "rule", "choice"]
 
 
+def _scalar(value: Any) -> Any:
+    """The Python number a zero-dimensional tensor / array holds (``item()``), else ``value``."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def is_number(value: Any, integer: bool = False) -> bool:
     """Whether ``value`` is a real number (an integer with ``integer``), not a bool."""
+    value = _scalar(value)
     kind = numbers.Integral if integer else numbers.Real
     return isinstance(value, kind) and not isinstance(value, bool)
 
@@ -43,6 +52,7 @@ def check_number(
     """``value`` if it is a finite number (an integer with ``integer``) between ``lo`` and
     ``hi`` (excluded where ``lo_open`` / ``hi_open``), as a float (an int with ``integer``);
     else ``ValueError("<name> must be a finite number >= 0, got ...")`` naming ``name``."""
+    value = _scalar(value)
     ok = is_number(value, integer) and math.isfinite(value)
     ok = ok and (lo < value if lo_open else lo <= value)
     ok = ok and (value < hi if hi_open else value <= hi)
