@@ -539,9 +539,23 @@ def _interval(ci) -> str:
     return "—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _max_iter(run_dir: str) -> Optional[int]:
+    """SOLVER.MAX_ITER of a run's config.yaml (None without one)."""
+    try:
+        import yaml
+
+        with open(os.path.join(run_dir, "config.yaml")) as fh:
+            return int(((yaml.safe_load(fh) or {}).get("SOLVER") or {})["MAX_ITER"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
 def ap_curve(run_dir: str, key: str = "bbox/AP") -> Dict[int, float]:
-    """{iteration: AP} of the evaluations a run logged to its metrics.json (the last record of
-    an iteration wins, e.g. after a resume)."""
+    """{iterations trained: AP} of the evaluations a run logged to its metrics.json (the last
+    record of an iteration wins, e.g. after a resume). A periodic evaluation is logged at the
+    index of the iteration it follows (149 after 150 iterations), the final one after training at
+    SOLVER.MAX_ITER: both count the iterations trained (150, ..., MAX_ITER)."""
+    last = _max_iter(run_dir)
     path = os.path.join(run_dir, "metrics.json")
     curve: Dict[int, float] = {}
     if os.path.isfile(path):
@@ -552,7 +566,8 @@ def ap_curve(run_dir: str, key: str = "bbox/AP") -> Dict[int, float]:
                 except json.JSONDecodeError:
                     continue
                 if key in rec and "iteration" in rec:
-                    curve[int(rec["iteration"]) + 1] = float(rec[key])
+                    it = int(rec["iteration"]) + 1
+                    curve[min(it, last) if last else it] = float(rec[key])
     return curve
 
 

@@ -220,13 +220,19 @@ def test_ablation_curves_and_interrupted_runs(tmp_path, capsys):
         for s, (ap150, ap300) in by_seed.items():
             d = tmp_path / v / f"seed{s}"
             d.mkdir(parents=True)
-            d.joinpath("config.yaml").write_text(config_yaml(str(d), test=("eapm_shapes_val",)))
+            cfg = config_yaml(str(d), test=("eapm_shapes_val",))
+            # the final evaluation: logged after training, at SOLVER.MAX_ITER (300), by the
+            # retinanet runs (whose config says so); at index 299 by the others
+            final = 299
+            if v == "retinanet":
+                cfg, final = cfg + "SOLVER:\n  MAX_ITER: 300\n", 300
+            d.joinpath("config.yaml").write_text(cfg)
             d.joinpath("log.txt").write_text(
                 copypaste_log([("eapm_shapes_val", [ap150, 1, 1, 1, 1, 1]),
                                ("eapm_shapes_val", [ap300, 1, 1, 1, 1, 1])])  # fmt: skip
             )
             recs = [{"iteration": 149, "bbox/AP": ap150}, {"iteration": 199, "loss_cls": 0.3},
-                    {"iteration": 299, "bbox/AP": ap300}]  # fmt: skip
+                    {"iteration": final, "bbox/AP": ap300}]  # fmt: skip
             d.joinpath("metrics.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
             d.joinpath("ablation_run.json").write_text(json.dumps({"status": "done"}))
     # seed 3 of eapm_mu1.5 was interrupted after its first periodic evaluation
@@ -249,6 +255,7 @@ def test_ablation_curves_and_interrupted_runs(tmp_path, capsys):
         "std": [pytest.approx(2**0.5), pytest.approx(2**0.5)],
     }  # fmt: skip
     assert summary["curves"]["retinanet"]["mean"] == [11.0, 22.0]
+    assert summary["curves"]["retinanet"]["iterations"] == [150, 300]
     assert "![eapm_mu1.5](curves/eapm_mu1.5.png)" in text
     png = tmp_path / "curves" / "eapm_mu1.5.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
