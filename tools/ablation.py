@@ -539,6 +539,21 @@ def _interval(ci) -> str:
     return "—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _records(run_dir: str, key: str):
+    """The records of a run's metrics.json that hold ``key`` (unreadable lines skipped)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and key in rec:
+                yield rec
+
+
 def _max_iter(run_dir: str) -> Optional[int]:
     """SOLVER.MAX_ITER of a run's config.yaml (None without one)."""
     try:
@@ -556,18 +571,11 @@ def ap_curve(run_dir: str, key: str = "bbox/AP") -> Dict[int, float]:
     index of the iteration it follows (149 after 150 iterations), the final one after training at
     SOLVER.MAX_ITER: both count the iterations trained (150, ..., MAX_ITER)."""
     last = _max_iter(run_dir)
-    path = os.path.join(run_dir, "metrics.json")
     curve: Dict[int, float] = {}
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if key in rec and "iteration" in rec:
-                    it = int(rec["iteration"]) + 1
-                    curve[min(it, last) if last else it] = float(rec[key])
+    for rec in _records(run_dir, key):
+        if "iteration" in rec:
+            it = int(rec["iteration"]) + 1
+            curve[min(it, last) if last else it] = float(rec[key])
     return curve
 
 
@@ -647,17 +655,7 @@ def mean_mf(run_dir: str, key: str = "eapm/cls_mf") -> Optional[float]:
     """The mean of ``key`` (EAPM focal loss's MF over all examples) over a run's
     metrics.json records (detectron2 writes each scalar's median over the last 20 iterations
     every 20 iterations: the mean over the run); None where the run logged none."""
-    path = os.path.join(run_dir, "metrics.json")
-    values = []
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if key in rec:
-                    values.append(float(rec[key]))
+    values = [float(rec[key]) for rec in _records(run_dir, key)]
     return statistics.fmean(values) if values else None
 
 
