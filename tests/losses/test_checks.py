@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eapm.losses import check_balanced_l1_params, check_eapm_param, check_ghm_params
-from eapm.losses.checks import check_choice, check_number, is_number
+from eapm.losses.checks import check_choice, check_flag, check_number, is_number
 
 # values that are not numbers: a bool is not the number 1, a string is not its digits
 NOT_NUMBERS = [True, False, "2", "1.5", None, [1.0], b"1", complex(1, 0), torch.tensor(True),
@@ -66,3 +66,22 @@ def test_choice():
     assert check_choice("ema", "loss_normalizer", ("ema", "all_reduce")) == "ema"
     with pytest.raises(ValueError, match=r"loss_normalizer must be one of \('ema', 'all_reduce'\)"):
         check_choice("EMA", "loss_normalizer", ("ema", "all_reduce"))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(True, True), (False, False), (np.bool_(True), True), (np.array(False), False),
+     (torch.tensor(True), True)],
+)  # fmt: skip
+def test_flags_of_every_kind_are_accepted(value, expected):
+    out = check_flag(value, "instance_balanced_pos")
+    assert out is expected
+
+
+# what bool() would turn into a flag silently: "False" is True to bool(), 1 / 1.0 / None too
+@pytest.mark.parametrize(
+    "value", [1, 0, 1.0, "False", "True", "", None, [True], torch.tensor(1), np.array([True])]
+)
+def test_not_flags_are_refused(value):
+    with pytest.raises(ValueError, match=r"^compile_kernels must be True or False, got "):
+        check_flag(value, "compile_kernels")

@@ -167,6 +167,23 @@ def test_ce_mu_zero_is_torch_cross_entropy_bitwise(reduction, dtype):
     assert torch.equal(v, rv) and torch.equal(g, rg)
 
 
+@pytest.mark.parametrize("reduction", ("none", "sum", "mean"))
+def test_ce_mu_zero_float16_on_cpu_is_the_float32_cross_entropy(reduction):
+    """torch's CPU cross entropy has no float16 kernel ("nll_loss_out_frame" not implemented
+    for 'Half'); mu 0 then gives the float32 cross entropy of the float16 logits, in float16,
+    with a float16 gradient, as mu > 0 does."""
+    x, y = _logits(extreme=True)
+    y[5] = -100
+    xh = x.half()
+    v, g = _grad(lambda z: eapm_cross_entropy(z, y, 0.0, reduction), xh)
+    rv, rg = _grad(lambda z: F.cross_entropy(z, y, reduction=reduction), xh.float())
+    assert v.dtype == g.dtype == torch.float16
+    assert torch.equal(v, rv.half()) and torch.equal(g, rg.half())
+    assert bool(torch.isfinite(v).all()) and bool(torch.isfinite(g).all())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast, as mu > 0
+        assert eapm_cross_entropy(xh, y, 0.0, reduction).dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_ce_low_precision_computed_in_float32_returned_in_input_dtype(dtype):
     x, y = _logits(extreme=False)

@@ -617,6 +617,27 @@ def ghm_model(*opts, config="quickstart/retinanet.yaml"):
     return model
 
 
+@pytest.mark.parametrize(
+    "path, value, text",
+    [
+        # values a Python script can put in a config past yacs's type check; int() / bool()
+        # in from_config used to turn them into 2 bins and a True flag
+        (("GHM", "CLS", "BINS"), 2.5, "GHM bins must be an integer >= 1"),
+        (("GHM", "PER_LEVEL"), "False", "ghm_per_level must be True or False"),
+        (("GHM", "ALL_REDUCE"), 1, "ghm_all_reduce must be True or False"),
+        (("EAPM", "COMPILE"), "no", "compile_kernels must be True or False"),
+    ],
+)
+def test_retinanet_from_config_passes_values_to_the_constructors_rules(path, value, text):
+    cfg = tiny_cfg("quickstart/retinanet.yaml", "MODEL.GHM.CLS.ENABLED", True)
+    node = cfg.MODEL
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ValueError, match=text):
+        build_model(cfg)
+
+
 def test_ghm_retinanet_losses_match_per_level_reference():
     """EAPMRetinaNet.losses with GHM on synthetic anchors: loss_cls = sum over the levels of
     GHM-C on that level's anchors x classes (ignored anchors invalid), loss_box_reg = 10 x

@@ -1076,6 +1076,23 @@ def _heads(*opts):
     return build_model(cfg).roi_heads
 
 
+@pytest.mark.parametrize(
+    "key, value, text",
+    [
+        # values a Python script can put in a config past yacs's type check; int() / bool()
+        # in from_config used to turn them into 2 bins and True
+        ("IOU_BALANCED_NUM_BINS", 2.5, "iou_balanced_num_bins must be an integer >= 0"),
+        ("INSTANCE_BALANCED_POS", "False", "instance_balanced_pos must be True or False"),
+        ("IOU_BALANCED_FLOOR_FRACTION", "0.5", "iou_balanced_floor_fraction must be a finite"),
+    ],
+)
+def test_libra_roi_heads_from_config_passes_values_to_the_constructors_rules(key, value, text):
+    cfg = tiny_cfg(LIBRA_RCNN)
+    cfg.MODEL.ROI_HEADS[key] = value
+    with pytest.raises(ValueError, match=text):
+        build_model(cfg)
+
+
 def _shifted_proposals(gt, shifts):
     """Boxes gt shifted right by s: IoU with gt = (w - s) / (w + s)."""
     from detectron2.structures import Boxes

@@ -4,7 +4,8 @@ A number is a real number that is not a bool (``True`` is not the number 1 here)
 string (``"2"`` is not 2): an int, a float, a numpy scalar, or a zero-dimensional tensor or array
 holding one of those. Every module that checks a
 number uses ``check_number`` (or ``is_number``), so that the rule and its message are the same
-for a loss argument, a constructor argument and a trainer key. Pure Python.
+for a loss argument, a constructor argument and a trainer key. A flag (``check_flag``) is a bool
+and nothing else: neither 1 nor ``"False"`` (which ``bool()`` would turn into True). Pure Python.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numbers
 from functools import partial
 from typing import Any, Sequence
 
-__all__ = ["is_number", "check_number", "check_choice", "rule", "choice"]
+__all__ = ["is_number", "check_number", "check_flag", "check_choice", "rule", "choice"]
 
 
 def _scalar(value: Any) -> Any:
@@ -61,6 +62,15 @@ def check_number(
         bounds = _bounds(lo, hi, lo_open, hi_open)
         raise ValueError(f"{name} must be {what} {bounds}, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` if it is a bool (a numpy bool or a zero-dimensional bool tensor / array
+    too), as a Python bool; else ``ValueError`` naming ``name``."""
+    value = _scalar(value)
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_choice(value: Any, name: str, choices: Sequence) -> Any:

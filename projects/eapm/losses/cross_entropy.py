@@ -30,7 +30,8 @@ dtype: computed in float32 (float64 for float64 input) with autocast disabled; t
 has the dtype F.cross_entropy / F.binary_cross_entropy_with_logits would return: the input's
 dtype (float16 / bfloat16 in, the same out), float32 for float16 / bfloat16 input inside an
 autocast region of the input's device (those functions are float32 ops under autocast). The
-gradient has the input's dtype. ``mu == 0`` calls the torch function itself (bitwise).
+gradient has the input's dtype. ``mu == 0`` calls the torch function itself (bitwise); float16
+logits on the CPU, for which torch has no cross entropy kernel, go through float32 there too.
 
 Pure torch, no detectron2 import.
 """
@@ -159,6 +160,12 @@ def eapm_cross_entropy(
     if logits.shape[0] == 0 and reduction == "mean":
         return _empty_mean(logits)
     if mu == 0:
+        if logits.dtype == torch.float16 and logits.device.type == "cpu":
+            # torch's CPU cross entropy has no float16 kernel: the float32 value, cast back
+            loss = F.cross_entropy(
+                logits.float(), labels, reduction=reduction, ignore_index=ignore_index
+            )
+            return loss.to(_output_dtype(logits))
         return F.cross_entropy(logits, labels, reduction=reduction, ignore_index=ignore_index)
     out_dtype = _output_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):

@@ -27,7 +27,7 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
 
-from ..losses.checks import choice, rule
+from ..losses.checks import check_flag, choice, rule
 from ..upstream import adapted_from
 from .backbone import fpn_from_config
 from .common import dense_loss_normalizer, model_focal_loss_sum, weighted_loss
@@ -142,7 +142,7 @@ class EAPMFCOS(FCOS):
         self.eapm_cls_mu = check_eapm_cls_mu(eapm_cls_mu)
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
         self.histogram_period = check_histogram_period(histogram_period)
-        self.compile_kernels = bool(compile_kernels)
+        self.compile_kernels = check_flag(compile_kernels, "compile_kernels")
         self.cls_loss_weight = float(check_cls_loss_weight(cls_loss_weight))
 
     @classmethod

@@ -19,7 +19,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.events import get_event_storage
 
 from ..losses import GHMC, GHMR, check_balanced_l1_params, check_ghm_params
-from ..losses.checks import choice
+from ..losses.checks import check_flag, choice
 from ..upstream import adapted_from
 from .common import (
     box_reg_balanced_l1,
@@ -139,12 +139,13 @@ class EAPMRetinaNet(RetinaNet):
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
         self.loss_normalizer_type = check_loss_normalizer(loss_normalizer)
         self.histogram_period = check_histogram_period(histogram_period)
-        self.compile_kernels = bool(compile_kernels)
+        self.compile_kernels = check_flag(compile_kernels, "compile_kernels")
         _check_ghm("ghm_cls", loss_weight=ghm_cls_loss_weight)
         _check_ghm("ghm_reg", loss_weight=ghm_reg_loss_weight)
         self.ghm_cls_loss_weight = float(ghm_cls_loss_weight)
         self.ghm_reg_loss_weight = float(ghm_reg_loss_weight)
-        self.ghm_per_level = bool(ghm_per_level)
+        self.ghm_per_level = check_flag(ghm_per_level, "ghm_per_level")
+        ghm_all_reduce = check_flag(ghm_all_reduce, "ghm_all_reduce")
         self.cls_loss_weight = float(check_cls_loss_weight(cls_loss_weight))
         check_ghm_cls(ghm_cls is not None, self.eapm_cls_mu)
         self.ghm_cls = None
@@ -165,19 +166,14 @@ class EAPMRetinaNet(RetinaNet):
             eapm_reg_theta=eapm_strength_from_config(cfg, "REG"),
             balanced_l1=balanced_l1_from_config(cfg),
             loss_normalizer=cfg.MODEL.LOSS_NORMALIZER.TYPE,
-            # GHM-C only when enabled; GHM-R whenever the box loss type is "ghm_r"
-            ghm_cls=(
-                dict(bins=int(gh.CLS.BINS), momentum=float(gh.CLS.MOMENTUM))
-                if gh.CLS.ENABLED
-                else None
-            ),
-            ghm_cls_loss_weight=float(gh.CLS.LOSS_WEIGHT),
-            ghm_reg=dict(
-                mu=float(gh.REG.MU), bins=int(gh.REG.BINS), momentum=float(gh.REG.MOMENTUM)
-            ),
-            ghm_reg_loss_weight=float(gh.REG.LOSS_WEIGHT),
-            ghm_all_reduce=bool(gh.ALL_REDUCE),
-            ghm_per_level=bool(gh.PER_LEVEL),
+            # GHM-C only when enabled; GHM-R whenever the box loss type is "ghm_r"; the values
+            # as the config holds them (the constructor and the GHM losses check them)
+            ghm_cls=dict(bins=gh.CLS.BINS, momentum=gh.CLS.MOMENTUM) if gh.CLS.ENABLED else None,
+            ghm_cls_loss_weight=gh.CLS.LOSS_WEIGHT,
+            ghm_reg=dict(mu=gh.REG.MU, bins=gh.REG.BINS, momentum=gh.REG.MOMENTUM),
+            ghm_reg_loss_weight=gh.REG.LOSS_WEIGHT,
+            ghm_all_reduce=gh.ALL_REDUCE,
+            ghm_per_level=gh.PER_LEVEL,
             cls_loss_weight=cfg.MODEL.DENSE_HEAD.CLS_LOSS_WEIGHT,
             **kernel_args_from_config(cfg),
         )

@@ -59,7 +59,7 @@ from ..losses import (
     gap_over_sum,
     modulating_factor,
 )
-from ..losses.checks import choice, rule
+from ..losses.checks import check_flag, choice, rule
 from ..upstream import adapted_from
 from .common import IOU_BOX_LOSSES, box_reg_balanced_l1, check_eapm_box_loss, eapm_iou_box_loss
 from .keys import (
@@ -146,7 +146,7 @@ class EAPMFastRCNNOutputLayers(FastRCNNOutputLayers):
         check_balanced_l1_params(*balanced_l1)
         self.balanced_l1 = tuple(float(v) for v in balanced_l1)
         self.histogram_period = check_histogram_period(histogram_period)
-        self.compile_kernels = bool(compile_kernels)
+        self.compile_kernels = check_flag(compile_kernels, "compile_kernels")
         if not isinstance(stage_name, str):
             raise ValueError(f"stage_name must be a string, got {stage_name!r}")
         self.stage_name = stage_name
@@ -410,25 +410,25 @@ class LibraROIHeads(EAPMBoxPredictorHeads, StandardROIHeads):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_iou_balanced_num_bins(iou_balanced_num_bins)
-        check_iou_balanced_floor_fraction(iou_balanced_floor_fraction)
-        check_iou_balanced_floor_thresh(iou_balanced_floor_thresh)
+        self.iou_balanced_num_bins = check_iou_balanced_num_bins(iou_balanced_num_bins)
+        self.iou_balanced_floor_thresh = check_iou_balanced_floor_thresh(iou_balanced_floor_thresh)
+        self.iou_balanced_floor_fraction = check_iou_balanced_floor_fraction(
+            iou_balanced_floor_fraction
+        )
+        self.instance_balanced_pos = check_flag(instance_balanced_pos, "instance_balanced_pos")
         if not isinstance(self.proposal_matcher, MaxIoUMatcher):
             self.proposal_matcher = MaxIoUMatcher.from_matcher(self.proposal_matcher)
-        self.iou_balanced_num_bins = int(iou_balanced_num_bins)
-        self.iou_balanced_floor_thresh = float(iou_balanced_floor_thresh)
-        self.iou_balanced_floor_fraction = float(iou_balanced_floor_fraction)
-        self.instance_balanced_pos = bool(instance_balanced_pos)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         rh = cfg.MODEL.ROI_HEADS
         ret.update(
-            iou_balanced_num_bins=int(rh.IOU_BALANCED_NUM_BINS),
-            iou_balanced_floor_thresh=float(rh.IOU_BALANCED_FLOOR_THRESH),
-            iou_balanced_floor_fraction=float(rh.IOU_BALANCED_FLOOR_FRACTION),
-            instance_balanced_pos=bool(rh.INSTANCE_BALANCED_POS),
+            # the values as the config holds them: the constructor's rules check them
+            iou_balanced_num_bins=rh.IOU_BALANCED_NUM_BINS,
+            iou_balanced_floor_thresh=rh.IOU_BALANCED_FLOOR_THRESH,
+            iou_balanced_floor_fraction=rh.IOU_BALANCED_FLOOR_FRACTION,
+            instance_balanced_pos=rh.INSTANCE_BALANCED_POS,
         )
         return ret
 

@@ -24,6 +24,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator import RPN
 
 from ..losses import eapm_binary_cross_entropy_with_logits
+from ..losses.checks import check_flag
 from .common import dense_focal_loss_sum
 from .keys import (
     check_eapm_rpn_mu,
@@ -61,7 +62,7 @@ class EAPMRPN(RPN):
         super().__init__(**kwargs)
         self.eapm_rpn_mu = check_eapm_rpn_mu(eapm_rpn_mu)
         self.histogram_period = check_histogram_period(histogram_period)
-        self.compile_kernels = bool(compile_kernels)
+        self.compile_kernels = check_flag(compile_kernels, "compile_kernels")
 
     @classmethod
     def from_config(cls, cfg, input_shape):
