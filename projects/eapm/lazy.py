@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import EAPMCheckpointer
 from .config import config_file_chain, default_config, import_modules
 from .data import check_category_counts, register_coco_json, register_embedded, require_trainable
-from .engine.hooks import PreemptibleCheckpointer, ResumeState
+from .engine.hooks import PreemptibleCheckpointer, ResumeState, rng_isolated
 from .engine.launch import create_ddp_model
 from .engine.solver import build_optimizer
 
@@ -156,9 +156,10 @@ def do_test(cfg, model) -> Dict[str, Any]:
     ``copypaste:`` lines and returns the results ({} without an evaluator)."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    with rng_isolated():  # periodic evaluation does not change training (engine.hooks)
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
     if comm.is_main_process():
         print_csv_format(ret)
     return ret

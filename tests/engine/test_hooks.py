@@ -65,3 +65,28 @@ def test_preemption_keys_validated():
     with pytest.raises(ValueError, match=r"^Invalid config DATALOADER\.SAMPLER_TRAIN"):
         eapm.load_config(cfg_file, ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"])
     assert sys.modules["eapm"].load_config(cfg_file).SOLVER.PREEMPTION.EXIT_CODE == 75
+
+
+def test_rng_isolated_restores_every_generator_even_on_error():
+    import random
+
+    import numpy as np
+    import torch
+
+    from eapm.engine.hooks import rng_isolated
+
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    with rng_isolated():
+        torch.rand(100), random.random(), np.random.rand(5)
+    with pytest.raises(RuntimeError, match="inside"):
+        with rng_isolated():
+            torch.rand(10), random.random(), np.random.rand(2)
+            raise RuntimeError("inside")
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]

@@ -121,6 +121,43 @@ def test_yacs_and_lazy_quickstart_train_bitwise_the_same_weights(tiny_train, tmp
     assert not torch.equal(init["head.cls_score.weight"], a["head.cls_score.weight"])
 
 
+def test_lazy_evaluation_leaves_the_random_generators_as_it_found_them(tiny_train, tmp_path):
+    """The LazyConfig loop's evaluation (``do_test``, its ``EvalHook``) runs inside
+    ``rng_isolated`` as ``EAPMTrainer.test`` does (test_trainer.py): iterating the test loader
+    draws from torch's global generator, evaluation gives it back unchanged."""
+    import random
+
+    from detectron2.config import instantiate
+
+    from eapm.lazy import do_test
+
+    cfg = _lazy_cfg(tmp_path / "lazy_eval")
+    cfg.dataloader.test.dataset.names = TRAIN
+    cfg.dataloader.test.num_workers = 0
+    cfg.dataloader.evaluator = _lazy_cfg_with_evaluator(tmp_path / "lazy_eval")
+    trainer = _lazy_trainer(cfg)
+    before = torch.get_rng_state()
+    for _ in instantiate(cfg.dataloader.test):  # the control: the loader moves it
+        break
+    assert not torch.equal(before, torch.get_rng_state())
+    before, py, npy = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    results = do_test(cfg, trainer.model)
+    assert "bbox" in results  # it evaluated
+    assert torch.equal(before, torch.get_rng_state()) and random.getstate() == py
+    assert np.array_equal(npy, np.random.get_state()[1])
+
+
+def _lazy_cfg_with_evaluator(out):
+    """The twin's COCO evaluator, on ``TRAIN``, writing under ``out``."""
+    from eapm.lazy import load_lazy_config
+
+    cfg = load_lazy_config(
+        os.path.join(CONFIGS, "quickstart", "eapm_retinanet.py"), [f"train.output_dir={out}"]
+    )
+    cfg.dataloader.evaluator.dataset_name = TRAIN
+    return cfg.dataloader.evaluator
+
+
 # ---------------------------------------------------------------------------
 # trainer-level save and restore, in process
 # ---------------------------------------------------------------------------

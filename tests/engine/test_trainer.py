@@ -99,3 +99,55 @@ def test_trainer_is_deterministic(tmp_path, one_thread):
     a, b, c = run(1, "a"), run(1, "b"), run(2, "c")
     assert len(a) == 3 and a == b
     assert a != c
+
+
+def test_periodic_evaluation_does_not_change_training(tmp_path, one_thread):
+    """Faster R-CNN draws its RPN and ROI samples from torch's global generator, and iterating
+    the test loader draws from it too (its base seed): evaluation runs inside
+    ``rng_isolated``, so a training that evaluates every 2 iterations takes the same steps as
+    one that never does (the losses after the evaluation, bit for bit)."""
+    from detectron2.utils.env import seed_all_rng
+
+    from eapm.engine import EAPMTrainer
+
+    root = str(tmp_path)
+    js = dump(
+        make_coco(root, "train", num_images=4, seed=5, boxes_per_image=(2, 1)),
+        f"{root}/train.json",
+    )
+
+    def run(eval_period, tag):
+        cfg = tiny_cfg("quickstart/faster_rcnn.yaml")
+        cfg.merge_from_list(
+            tiny_opts(
+                f"{root}/out_{tag}",
+                5,
+                f"{root}/no_embedded",
+                **{
+                    "DATASETS.TRAIN": "('det_train',)",
+                    "DATASETS.TEST": "('det_train',)",
+                    "MODEL.ROI_HEADS.NUM_CLASSES": "2",
+                    "TEST.EVAL_PERIOD": str(eval_period),
+                    "SEED": "3",
+                },
+            )
+        )
+        cfg.DATASETS.COCO_JSON = [["det_train", js, f"{root}/train"]]
+        seed_all_rng(cfg.SEED)
+        trainer = EAPMTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+        return losses, trainer
+
+    plain, trainer = run(0, "plain")
+    evaluated, _ = run(2, "eval")
+    assert len(plain) == 5 and evaluated == plain
+    # the control: without the isolation, the test loader moves the generator
+    before = torch.get_rng_state()
+    for _ in trainer.build_test_loader(trainer.cfg, "det_train"):
+        break
+    assert not torch.equal(before, torch.get_rng_state())
+    before = torch.get_rng_state()
+    EAPMTrainer.test(trainer.cfg, trainer.model)
+    assert torch.equal(before, torch.get_rng_state())

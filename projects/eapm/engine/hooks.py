@@ -12,12 +12,19 @@ the style of ``detectron2.engine.hooks``; ``EAPMTrainer`` (yacs) and the LazyCon
   also stops on a preemption signal: the processes agree on the last iteration, one
   checkpoint is written at it, and the job exits with ``Preempted(exit_code)``.
 
+Evaluation during training (``EAPMTrainer.test``, the LazyConfig loop's ``EvalHook``) runs inside
+``rng_isolated``: it leaves the random generators as it found them (iterating a DataLoader
+draws its base seed from torch's global generator), so that a training with periodic
+evaluation takes the same steps as one without, and a resumed one the same as an uninterrupted
+one (the checkpoint, written before the evaluation, holds the generators' states).
+
 The launcher's half of preemption (forwarding the signals to the worker processes, turning
 their exit status into the launcher's) is ``eapm.engine.launch.preemption_exit``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -41,6 +48,7 @@ __all__ = [
     "ResumeState",
     "close_train_loader",
     "preemption_signals",
+    "rng_isolated",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +124,17 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def rng_isolated():
+    """Restores the global random generators (Python, NumPy, torch, CUDA) on exit to their
+    states on entry, whatever the block drew from them."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 def _regroup(saved: dict, world: int, rank: int):

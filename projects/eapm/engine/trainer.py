@@ -19,7 +19,7 @@ from detectron2.evaluation import COCOEvaluator
 from ..checkpoint import EAPMCheckpointer
 from ..data import register_from_config
 from ..data.resumable import build_resumable_train_loader
-from .hooks import PreemptibleCheckpointer, ResumeState, close_train_loader
+from .hooks import PreemptibleCheckpointer, ResumeState, close_train_loader, rng_isolated
 from .launch import create_ddp_model
 from .solver import build_optimizer
 
@@ -111,8 +111,11 @@ class EAPMTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation, leaving the random generators as it found them
+        (``eapm.engine.hooks.rng_isolated``): periodic evaluation does not change training."""
         register_from_config(cfg)
-        return super().test(cfg, model, evaluators)
+        with rng_isolated():
+            return super().test(cfg, model, evaluators)
 
 
 def check_training_config(cfg, world_size: Optional[int], reads: Dict[str, Any]) -> None:
