@@ -66,37 +66,34 @@ def test_channels_last_model_gives_the_same_losses_and_gradients(config, storage
     assert flat[False].norm() > 0
 
 
-def test_trainer_is_deterministic(tmp_path, one_thread):
-    """The whole training step (data order, augmentation, initialisation, losses) of
-    EAPMTrainer repeats exactly with the same SEED: the first iterations' losses."""
+def _train_tiny(config, root, name, iters, **opts):
+    """EAPMTrainer of ``config`` (tiny) trained ``iters`` iterations on the COCO-json split
+    ``root``/train.json registered as ``name`` (``opts``: more overrides), seeded as
+    ``default_setup`` seeds in train_net.py: (its total losses, the trainer)."""
     from detectron2.utils.env import seed_all_rng
 
     from eapm.engine import EAPMTrainer
 
+    tag = "_".join(f"{k}{v}" for k, v in sorted(opts.items()))
+    cfg = tiny_cfg(config)
+    over = {"DATASETS.TRAIN": f"('{name}',)", "DATASETS.TEST": "()", **opts}
+    cfg.merge_from_list(tiny_opts(f"{root}/out_{tag}", iters, f"{root}/no_embedded", **over))
+    cfg.DATASETS.COCO_JSON = [[name, f"{root}/train.json", f"{root}/train"]]
+    seed_all_rng(cfg.SEED)
+    trainer = EAPMTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return [v for v, _ in trainer.storage.history("total_loss").values()], trainer
+
+
+def test_trainer_is_deterministic(tmp_path, one_thread):
+    """The whole training step (data order, augmentation, initialisation, losses) of
+    EAPMTrainer repeats exactly with the same SEED: the first iterations' losses."""
     root = str(tmp_path)
-    js = dump(
-        make_coco(root, "train", num_images=8, seed=5, boxes_per_image=(2, 1, 0)),
-        f"{root}/train.json",
-    )
-
-    def run(seed, tag):
-        cfg = tiny_cfg("quickstart/eapm_retinanet.yaml")
-        cfg.merge_from_list(
-            tiny_opts(
-                f"{root}/out_{tag}",
-                3,
-                f"{root}/no_embedded",
-                **{"DATASETS.TRAIN": "('det_train',)", "DATASETS.TEST": "()", "SEED": str(seed)},
-            )
-        )
-        cfg.DATASETS.COCO_JSON = [["det_train", js, f"{root}/train"]]
-        seed_all_rng(cfg.SEED)  # what default_setup does in train_net.py
-        trainer = EAPMTrainer(cfg)
-        trainer.resume_or_load(resume=False)
-        trainer.train()
-        return [v for v, _ in trainer.storage.history("total_loss").values()]
-
-    a, b, c = run(1, "a"), run(1, "b"), run(2, "c")
+    dump(make_coco(root, "train", 8, 5, boxes_per_image=(2, 1, 0)), f"{root}/train.json")
+    config = "quickstart/eapm_retinanet.yaml"
+    a, b, c = (_train_tiny(config, root, "det_train", 3, SEED=s, OUTPUT_DIR=f"{root}/{t}")[0]
+               for s, t in ((1, "a"), (1, "b"), (2, "c")))  # fmt: skip
     assert len(a) == 3 and a == b
     assert a != c
 
@@ -106,46 +103,18 @@ def test_periodic_evaluation_does_not_change_training(tmp_path, one_thread):
     the test loader draws from it too (its base seed): evaluation runs inside
     ``rng_isolated``, so a training that evaluates every 2 iterations takes the same steps as
     one that never does (the losses after the evaluation, bit for bit)."""
-    from detectron2.utils.env import seed_all_rng
-
     from eapm.engine import EAPMTrainer
 
     root = str(tmp_path)
-    js = dump(
-        make_coco(root, "train", num_images=4, seed=5, boxes_per_image=(2, 1)),
-        f"{root}/train.json",
-    )
-
-    def run(eval_period, tag):
-        cfg = tiny_cfg("quickstart/faster_rcnn.yaml")
-        cfg.merge_from_list(
-            tiny_opts(
-                f"{root}/out_{tag}",
-                5,
-                f"{root}/no_embedded",
-                **{
-                    "DATASETS.TRAIN": "('det_train',)",
-                    "DATASETS.TEST": "('det_train',)",
-                    "MODEL.ROI_HEADS.NUM_CLASSES": "2",
-                    "TEST.EVAL_PERIOD": str(eval_period),
-                    "SEED": "3",
-                },
-            )
-        )
-        cfg.DATASETS.COCO_JSON = [["det_train", js, f"{root}/train"]]
-        seed_all_rng(cfg.SEED)
-        trainer = EAPMTrainer(cfg)
-        trainer.resume_or_load(resume=False)
-        trainer.train()
-        losses = [v for v, _ in trainer.storage.history("total_loss").values()]
-        return losses, trainer
-
-    plain, trainer = run(0, "plain")
-    evaluated, _ = run(2, "eval")
+    dump(make_coco(root, "train", 4, 5, boxes_per_image=(2, 1)), f"{root}/train.json")
+    opts = {"DATASETS.TEST": "('eval_train',)", "MODEL.ROI_HEADS.NUM_CLASSES": 2, "SEED": 3}
+    config = "quickstart/faster_rcnn.yaml"
+    plain, trainer = _train_tiny(config, root, "eval_train", 5, **opts)
+    evaluated, _ = _train_tiny(config, root, "eval_train", 5, **opts, **{"TEST.EVAL_PERIOD": 2})
     assert len(plain) == 5 and evaluated == plain
     # the control: without the isolation, the test loader moves the generator
     before = torch.get_rng_state()
-    for _ in trainer.build_test_loader(trainer.cfg, "det_train"):
+    for _ in trainer.build_test_loader(trainer.cfg, "eval_train"):
         break
     assert not torch.equal(before, torch.get_rng_state())
     before = torch.get_rng_state()
