@@ -22,7 +22,7 @@ _optim = get_config("common/optim.py")
 # ------------------------------------------------------------------ model
 model._target_ = EAPMRetinaNet
 _bottom_up = model.backbone.bottom_up
-# R-18 at width 32 (yacs: build_retinanet_slim_resnet_fpn_backbone, STEM_OUT_CHANNELS and
+# R-18 at width 32 (yacs: build_slim_resnet_fpn_backbone, STEM_OUT_CHANNELS and
 # RES2_OUT_CHANNELS 32): stem 32, res2..res5 32, 64, 128, 256 channels
 _bottom_up.stem.norm = "BN"
 _bottom_up.stem.out_channels = 32
