@@ -468,6 +468,10 @@ def test_retinanet_eapm_focal_and_balanced_l1_value_and_gradient_float64():
         "MODEL.RETINANET.FOCAL_LOSS_ALPHA", DISTINCT_FOCAL["alpha"],
         "MODEL.RETINANET.FOCAL_LOSS_GAMMA", DISTINCT_FOCAL["gamma"],
         "MODEL.RETINANET.BBOX_REG_WEIGHTS", (1.0, 1.0, 2.0, 2.0),
+        # detectron2's thresholds, the inputs this tolerance was set on: at the quickstart's
+        # 0.3 / 0.4 one of the 40920 gradient elements (float32 model against float64
+        # formulas) differs by 1.01e-5 relative (3e-8 absolute), just over F64_TOL
+        "MODEL.RETINANET.IOU_THRESHOLDS", [0.4, 0.5],
         "MODEL.EAPM.COMPILE", False,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -949,9 +953,11 @@ def test_recipe_0_3_config_is_the_recipe_before_0_4():
 
 def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
     """eapm_retinanet_0.5.yaml is the quickstart with the head (two convs per tower) on P3-P7
-    (RetinaNet's FPN, P6 and P7 from res5) for 1000 iterations; the quickstart's head (one conv
-    per tower) reads P2-P6 (the R-CNN FPN on the same ResNet, P6 max-pooled) for 600. Nothing
-    else differs; the baseline is the same network; the LazyConfig twin follows the quickstart."""
+    (RetinaNet's FPN, P6 and P7 from res5), detectron2's IoU thresholds 0.4 / 0.5 and learning
+    rate 0.002 for 1000 iterations; the quickstart's head (one conv per tower) reads P2-P6 (the
+    R-CNN FPN on the same ResNet, P6 max-pooled), matches at 0.3 / 0.4 and trains at 0.003 for
+    620. Nothing else differs; the baseline is the same network; the LazyConfig twin follows the
+    quickstart."""
     from detectron2.config import LazyConfig
 
     from eapm.utils.testing import get_config_file
@@ -965,12 +971,18 @@ def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
     assert new.MODEL.RESNETS.OUT_FEATURES == new.MODEL.FPN.IN_FEATURES == [
         "res2", "res3", "res4", "res5"
     ]  # fmt: skip
-    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (600, (450, 540), 30)
+    assert (new.SOLVER.MAX_ITER, new.SOLVER.STEPS, new.SOLVER.WARMUP_ITERS) == (620, (465, 558), 31)
+    assert (old.SOLVER.MAX_ITER, old.SOLVER.STEPS) == (1000, (750, 900))
+    assert old.SOLVER.WARMUP_ITERS == 50
     assert (new.MODEL.RETINANET.NUM_CONVS, old.MODEL.RETINANET.NUM_CONVS) == (1, 2)
+    assert (new.MODEL.RETINANET.IOU_THRESHOLDS, old.MODEL.RETINANET.IOU_THRESHOLDS) == (
+        [0.3, 0.4], [0.4, 0.5]
+    )  # fmt: skip
+    assert (new.SOLVER.BASE_LR, old.SOLVER.BASE_LR) == (0.003, 0.002)
     changed = {
         "MODEL.BACKBONE.NAME", "MODEL.RESNETS.OUT_FEATURES", "MODEL.FPN.IN_FEATURES",
-        "MODEL.RETINANET.IN_FEATURES", "MODEL.RETINANET.NUM_CONVS", "SOLVER.MAX_ITER",
-        "SOLVER.STEPS",
+        "MODEL.RETINANET.IN_FEATURES", "MODEL.RETINANET.NUM_CONVS",
+        "MODEL.RETINANET.IOU_THRESHOLDS", "SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS",
         "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "OUTPUT_DIR",
     }  # fmt: skip
 
@@ -993,6 +1005,8 @@ def test_recipe_0_5_config_is_the_recipe_before_the_p2_head():
     assert lazy.model.anchor_generator.strides == [4, 8, 16, 32, 64]
     assert lazy.model.head.conv_dims == [64] * new.MODEL.RETINANET.NUM_CONVS
     assert lazy.train.max_iter == new.SOLVER.MAX_ITER
+    assert lazy.model.anchor_matcher.thresholds == new.MODEL.RETINANET.IOU_THRESHOLDS
+    assert lazy.optimizer.lr == new.SOLVER.BASE_LR
     sched = lazy.lr_multiplier
     assert sched.scheduler.milestones == list(new.SOLVER.STEPS)
     assert sched.warmup_length * new.SOLVER.MAX_ITER == new.SOLVER.WARMUP_ITERS
